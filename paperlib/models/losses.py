@@ -19,10 +19,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
         # hidden (M, D), weight (V, D), targets (M,) in [0, V); returns the summed loss
-        total = hidden.new_zeros((), dtype=torch.float32)
-        lse_all = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        # logits in at least float32 (bf16/fp16 inputs), float64 stays float64
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        total = hidden.new_zeros((), dtype=acc)
+        lse_all = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s : s + chunk] @ weight.t()).float()
+            logits = (hidden[s : s + chunk] @ weight.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             lse_all[s : s + chunk] = lse
             picked = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
@@ -39,7 +41,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            logits = (h @ weight.t()).float()
+            logits = (h @ weight.t()).to(lse_all.dtype)
             # d CE / d logits = softmax - onehot
             probs = torch.exp(logits - lse_all[s : s + chunk, None])
             probs[torch.arange(h.shape[0], device=h.device), targets[s : s + chunk]] -= 1.0
