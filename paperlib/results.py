@@ -1,0 +1,211 @@
+"""The results contract (DESIGN §6): one JSON per (study, preset) with provenance, and the figures
+and tables drawn from it.
+
+A compute run writes ``<output_dir>/results/<study>.<preset>.json`` atomically (temporary file, then
+rename), so a run that fails never overwrites earlier results. Render mode reads the JSON back;
+figures and tables are then drawn from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from paperlib import __version__, paths
+
+SCHEMA_VERSION = 1
+
+
+class ResultsError(FileNotFoundError):
+    """Results JSON missing or unreadable; the message says how to produce it."""
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def device_description() -> dict[str, Any]:
+    """CPU/GPU the run used, for provenance."""
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def provenance(wall_seconds: float | None = None, started: str | None = None) -> dict[str, Any]:
+    """Git commit, package versions, device and timing of a run."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "paperlib": __version__,
+        "python": sys.version.split()[0],
+        "versions": {p: _version(p) for p in ("torch", "numpy", "pandas", "numba", "transformers", "trl", "mamba-ssm")},
+        "device": device_description(),
+        "started": started,
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": wall_seconds,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy/pandas/torch scalars and arrays → plain JSON types."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch tensors
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def results_path(study: str, preset: str, output_dir: str | os.PathLike | None = None) -> Path:
+    return paths.results_dir(output_dir) / f"{study}.{preset}.json"
+
+
+def save_results(
+    study: str,
+    preset: str,
+    params: Mapping[str, Any],
+    results: Mapping[str, Any],
+    *,
+    output_dir: str | os.PathLike | None = None,
+    wall_seconds: float | None = None,
+    started: str | None = None,
+) -> Path:
+    """Write the results JSON atomically and return its path.
+
+    Args:
+        study: study name (``datasets``, ``quality``, …).
+        preset: the preset the run used.
+        params: the resolved notebook parameters (stored verbatim).
+        results: the study's own payload (metrics per seed, trajectories, tables' raw numbers…).
+    """
+    path = results_path(study, preset, output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "schema": SCHEMA_VERSION,
+        "study": study,
+        "preset": preset,
+        "params": _jsonable(dict(params)),
+        "results": _jsonable(dict(results)),
+        "provenance": provenance(wall_seconds, started),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_results(study: str, preset: str, output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read a results JSON; a clear error says how to compute it when it is missing."""
+    path = results_path(study, preset, output_dir)
+    if not path.exists():
+        raise ResultsError(
+            f"no results for study {study!r}, preset {preset!r} at {path}. Compute them with "
+            f"`paperlib run <notebook> --preset {preset}` (or set recompute=True in the notebook)."
+        )
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path} is not valid JSON ({exc}); recompute it") from exc
+    if doc.get("study") != study or doc.get("preset") != preset:
+        raise ResultsError(f"{path} holds study {doc.get('study')!r} preset {doc.get('preset')!r}, not {study!r}/{preset!r}")
+    return doc
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- figures and tables
+
+
+def set_style() -> None:
+    """The shared plot style: seaborn whitegrid, colour-blind palette, fixed size and DPI."""
+    import matplotlib
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+    matplotlib.rcParams.update(
+        {"figure.figsize": (7.0, 4.0), "figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight",
+         "pdf.fonttype": 42, "svg.hashsalt": "paperlib"}
+    )
+
+
+def save_figure(fig, name: str, output_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Save ``fig`` as ``<figures>/<name>.png`` and ``.pdf`` (reproducible: no creation date)."""
+    out = paths.figures_dir(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png, pdf = out / f"{name}.png", out / f"{name}.pdf"
+    fig.savefig(png, metadata={"Software": None})
+    fig.savefig(pdf, metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
+    return [png, pdf]
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of ``df`` (index included when named)."""
+    frame = df.reset_index() if df.index.name or isinstance(df.index, pd.MultiIndex) else df
+    cols = [str(c) for c in frame.columns]
+    rows = [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cols), sep, *(line(r) for r in rows)]) + "\n"
+
+
+def save_table(df: pd.DataFrame, name: str, output_dir: str | os.PathLike | None = None, caption: str = "") -> list[Path]:
+    """Save ``df`` as ``<figures>/<name>.md``, ``.tex`` and ``.csv``."""
+    out = paths.figures_dir(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, tex, csv = out / f"{name}.md", out / f"{name}.tex", out / f"{name}.csv"
+    md.write_text((f"{caption}\n\n" if caption else "") + markdown_table(df), encoding="utf-8")
+    tex.write_text(df.to_latex(caption=caption or None, label=f"tab:{name}"), encoding="utf-8")
+    df.to_csv(csv)
+    return [md, tex, csv]
