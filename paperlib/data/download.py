@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: tqdm.auto warns without ipywidgets in notebooks
 
 from .. import paths
 from .registry import DATASETS, DatasetSpec, Download, FileSpec, Layout, TitleSource
