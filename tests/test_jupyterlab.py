@@ -26,7 +26,7 @@ def test_lab_serves_notebooks_and_kernelspec(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={paths.notebooks_dir()}",
-         "--ServerApp.open_browser=False"],
+         "--ServerApp.open_browser=False", "--allow-root"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**__import__("os").environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)},
     )
     base = f"http://127.0.0.1:{port}"
