@@ -1,0 +1,174 @@
+"""Model registry: name → (config class, model class), and builders that validate options.
+
+>>> model = build_model("sasrec", n_items=3416, max_len=200, hidden_dropout_prob=0.2)
+>>> config_from_dict("sasrec", dataclasses.asdict(model.config)) == model.config
+True
+
+``mamba4rec`` is resolved on first use (``paperlib.models.mamba4rec``), so the other models work
+even where that module cannot be imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import numbers
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from paperlib.models.base import ModelConfig, SequentialRecommender
+from paperlib.models.bert4rec import BERT4Rec, BERT4RecConfig
+from paperlib.models.gru4rec import GRU4Rec, GRU4RecConfig
+from paperlib.models.sasrec import SASRec, SASRecConfig
+
+Entry = tuple[type[ModelConfig], type[SequentialRecommender]]
+
+
+class ModelRegistry(Mapping[str, Entry]):
+    """Read-only mapping ``name → (config class, model class)`` with lazily imported entries."""
+
+    def __init__(self, eager: dict[str, Entry], lazy: dict[str, tuple[str, str, str]]) -> None:
+        self._entries: dict[str, Entry] = dict(eager)
+        self._lazy = dict(lazy)  # name → (module, config class name, model class name)
+        self._names = list(eager) + [n for n in lazy if n not in eager]
+
+    def __getitem__(self, name: str) -> Entry:
+        if name in self._entries:
+            return self._entries[name]
+        if name not in self._lazy:
+            raise KeyError(name)
+        module_name, config_name, model_name = self._lazy[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ImportError(f"model {name!r} is registered but {module_name} cannot be imported: {err}") from err
+        entry = (getattr(module, config_name), getattr(module, model_name))
+        self._entries[name] = entry
+        return entry
+
+    def __contains__(self, name: object) -> bool:  # without importing lazy entries
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+MODELS: ModelRegistry = ModelRegistry(
+    eager={
+        "gru4rec": (GRU4RecConfig, GRU4Rec),
+        "sasrec": (SASRecConfig, SASRec),
+        "bert4rec": (BERT4RecConfig, BERT4Rec),
+    },
+    lazy={"mamba4rec": ("paperlib.models.mamba4rec", "Mamba4RecConfig", "Mamba4Rec")},
+)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def _coerce(value: Any, hint: Any, key: str, model: str) -> Any:
+    """Check ``value`` against a config field's annotation; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, model)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{model}: option {key!r} got an invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{model}: option {key!r} must be one of {typing.get_args(hint)}, got {value!r}")
+        return value
+    bad = ValueError(
+        f"{model}: option {key!r} must be of type {getattr(hint, '__name__', hint)}, "
+        f"got {value!r} ({type(value).__name__})"
+    )
+    if hint is bool:
+        if not isinstance(value, (bool,)):
+            raise bad
+        return bool(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise bad
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise bad
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    return value
+
+
+def config_from_dict(name: str, values: Mapping[str, Any]) -> ModelConfig:
+    """Build model ``name``'s config from a dict (e.g. ``asdict(config)`` read from a checkpoint).
+
+    Missing fields take their defaults. Raises ValueError for an unknown model, an unknown option
+    (naming the valid ones) or a value of the wrong type.
+    """
+    _check_name(name)
+    config_cls, _ = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {unknown}; valid options are {sorted(fields)}")
+    hints = typing.get_type_hints(config_cls)
+    kwargs = {key: _coerce(value, hints[key], key, name) for key, value in values.items()}
+    return config_cls(**kwargs)
+
+
+def build_model(name: str, n_items: int, max_len: int, **overrides: Any) -> SequentialRecommender:
+    """A freshly initialised model ``name`` for a catalogue of ``n_items`` items (ids 1..n_items)
+    and histories of up to ``max_len`` items; ``overrides`` set config fields by name.
+
+    The initialisation draws from torch's global RNG: seed it first for a reproducible model.
+    """
+    config = config_from_dict(name, {"n_items": n_items, "max_len": max_len, **overrides})
+    return MODELS[name][1](config)
+
+
+def model_name(model: SequentialRecommender) -> str:
+    """The registry name of ``model`` (its class's ``name`` attribute, else a registry lookup)."""
+    name = getattr(type(model), "name", None)
+    if isinstance(name, str) and name in MODELS:
+        return name
+    for key in MODELS:
+        try:
+            if isinstance(model, MODELS[key][1]):
+                return key
+        except ImportError:
+            continue
+    raise ValueError(f"{type(model).__name__} is not a registered model; registered: {', '.join(MODELS)}")
+
+
+__all__ = [
+    "MODELS",
+    "ModelConfig",
+    "SequentialRecommender",
+    "ModelRegistry",
+    "build_model",
+    "config_from_dict",
+    "model_name",
+    "BERT4Rec",
+    "BERT4RecConfig",
+    "GRU4Rec",
+    "GRU4RecConfig",
+    "SASRec",
+    "SASRecConfig",
+]

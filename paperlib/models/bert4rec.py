@@ -1,0 +1,194 @@
+"""BERT4Rec (Sun et al. 2019): bidirectional self-attention trained by masked-item prediction.
+
+Follows RecBole's ``BERT4Rec``: item embedding (n_items + 2 rows: padding 0, items 1..n_items,
+[MASK] = n_items + 1) + learned position embedding → LayerNorm → dropout → post-LN transformer
+layers with a padding mask and no causal mask (SASRec's encoder) → output head Dense → GELU →
+LayerNorm → dot product with the item embeddings of rows 0..n_items plus a per-item output bias.
+
+Training masks about ``mask_ratio`` of the real positions of each user's training sequence with
+[MASK] and predicts the original items there (full-softmax CE, padding row in the softmax as in
+RecBole). At test time a [MASK] is appended after the history and its output scores the next item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from paperlib.data.sequences import TrainBatch
+from paperlib.models.base import ModelConfig, SequentialRecommender, init_weights
+from paperlib.models.losses import chunked_cross_entropy
+from paperlib.models.sasrec import TransformerEncoder, check_transformer_config
+
+
+@dataclass
+class BERT4RecConfig(ModelConfig):
+    """RecBole's BERT4Rec defaults (``BERT4Rec.yaml``).
+
+    ``ft_ratio``: probability that a training batch masks only the last item of every sequence
+    (RecBole's "fine-tuning samples"). RecBole's yaml says 0.5, but its transform reads the value
+    through ``hasattr(config, "ft_ratio")``, which is False for its Config object, so RecBole in
+    effect trains with 0; that is the default here.
+    """
+
+    hidden_size: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    inner_size: int = 256
+    hidden_dropout_prob: float = 0.2
+    attn_dropout_prob: float = 0.2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    mask_ratio: float = 0.2
+    ft_ratio: float = 0.0
+
+
+class BERT4Rec(SequentialRecommender):
+    """Bidirectional transformer recommender with its own masked-item ``loss`` and ``score``."""
+
+    name = "bert4rec"
+    causal = False
+
+    def __init__(self, config: BERT4RecConfig):
+        super().__init__()
+        check_transformer_config(config)
+        for field_name in ("mask_ratio", "ft_ratio"):
+            p = getattr(config, field_name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{field_name} must lie in [0, 1], got {p}")
+        self.config = config
+        d = config.hidden_size
+        self.mask_token = config.n_items + 1
+        self.item_embedding = nn.Embedding(config.n_items + 2, d, padding_idx=0)
+        self.position_embedding = nn.Embedding(config.max_len, d)
+        self.trm_encoder = TransformerEncoder(
+            config.n_layers, config.n_heads, d, config.inner_size,
+            config.hidden_dropout_prob, config.attn_dropout_prob, config.layer_norm_eps,
+        )
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.output_ffn = nn.Linear(d, d)
+        self.output_gelu = nn.GELU()
+        self.output_ln = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.output_bias = nn.Parameter(torch.zeros(config.n_items + 1))
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    # ------------------------------------------------------------------ encoder
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """items (B, L) right-padded ids in 0..n_items + 1 (the last is [MASK]), L <= max_len
+        → output-head states (B, L, D); every real position sees every real position."""
+        if items.numel() and (int(items.min()) < 0 or int(items.max()) > self.mask_token):
+            raise ValueError(
+                f"item ids must lie in 0..{self.config.n_items} (or {self.mask_token} = [MASK]); "
+                f"got range {int(items.min())}..{int(items.max())}. Was the model built for another dataset?"
+            )
+        length = items.shape[1]
+        if length > self.config.max_len:
+            raise ValueError(
+                f"sequence length {length} exceeds max_len={self.config.max_len}; truncate histories "
+                "to their most recent max_len items (max_len - 1 when a [MASK] is appended)"
+            )
+        positions = torch.arange(length, device=items.device)
+        x = self.item_embedding(items) + self.position_embedding(positions)[None]
+        x = self.dropout(self.LayerNorm(x))
+        keys = items > 0  # (B, L) padded keys are never attended to
+        # a row of padding only would leave its queries nothing to attend to (NaN); let them see
+        # position 0 — a real row always has a real item there, so nothing else changes
+        keys[:, 0] = True
+        hidden = self.trm_encoder(x, attn_mask=keys[:, None, None, :], is_causal=False)
+        return self.output_ln(self.output_gelu(self.output_ffn(hidden)))
+
+    def output_embedding(self) -> torch.Tensor:
+        """Rows 0..n_items of the item table ([MASK] is never a prediction)."""
+        return self.item_embedding.weight[: self.config.n_items + 1]
+
+    def _logits_weight(self) -> torch.Tensor:
+        """(n_items + 1, D + 1): item rows with the output bias as an extra column, so that
+        ``[h, 1] @ Wᵀ = h @ Eᵀ + bias`` goes through the chunked CE unchanged."""
+        return torch.cat([self.output_embedding(), self.output_bias[:, None]], dim=1)
+
+    # ------------------------------------------------------------------ training
+    def full_sequences(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rebuild each user's training window from an all-position batch.
+
+        ``items[b, 0]`` followed by ``targets[b, :lengths[b]]`` is the window of the training
+        sequence the batch was cut from; keep its last ``max_len`` items.
+
+        Returns:
+            seqs (B, L') right-padded, L' <= max_len; lengths (B,).
+        """
+        items, targets, lengths = batch.items, batch.targets, batch.lengths
+        seqs = torch.cat([items[:, :1], targets], dim=1)  # (B, L + 1)
+        full_len = lengths + 1
+        long = full_len > self.config.max_len  # drop the oldest item of windows one too long
+        if bool(long.any()):
+            seqs[long, :-1] = targets[long]
+            seqs[long, -1] = 0
+            full_len = full_len.clamp(max=self.config.max_len)
+        return seqs[:, : int(full_len.max())], full_len
+
+    def mask_positions(self, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Boolean (B, L) mask of the positions to predict: each real position with probability
+        ``mask_ratio`` (at least one per sequence), or with probability ``ft_ratio`` per batch
+        only the last item. Draws from torch's global RNG (seeded by the training loop)."""
+        b, length = seqs.shape
+        rows = torch.arange(b, device=seqs.device)
+        if self.config.ft_ratio > 0 and float(torch.rand(())) < self.config.ft_ratio:
+            masked = torch.zeros_like(seqs, dtype=torch.bool)
+            masked[rows, lengths - 1] = True
+            return masked
+        real = seqs > 0
+        masked = (torch.rand(seqs.shape, device=seqs.device) < self.config.mask_ratio) & real
+        # a sequence without a masked position would teach nothing: mask one of its items
+        pick = (torch.rand(b, device=seqs.device) * lengths).long().clamp(max=length - 1)
+        none = ~masked.any(dim=1)
+        masked[rows[none], pick[none]] = True
+        return masked
+
+    def loss(self, batch: TrainBatch) -> torch.Tensor:
+        """Masked-item CE over the masked positions of each user's training window.
+
+        ``batch`` must be an all-position batch from ``train_batches`` (targets[b, t] is the item
+        after items[b, t]); the whole window, the last training item included, is the input.
+        """
+        self.check_items(batch.items)
+        self.check_items(batch.targets)
+        seqs, lengths = self.full_sequences(batch)
+        masked = self.mask_positions(seqs, lengths)
+        hidden = self(seqs.masked_fill(masked, self.mask_token))  # (B, L', D)
+        h = hidden[masked]  # (M, D)
+        h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+        return chunked_cross_entropy(h, self._logits_weight(), seqs[masked])
+
+    # ------------------------------------------------------------------ inference
+    def append_mask(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put [MASK] right after each history; a history of max_len items first loses its oldest.
+
+        Returns:
+            seqs (B, L') with L' = min(L + 1, max_len) and the [MASK] position of each row (B,).
+        """
+        b, length = items.shape
+        rows = torch.arange(b, device=items.device)
+        seqs = torch.cat([items, items.new_zeros(b, 1)], dim=1)  # (B, L + 1)
+        full = lengths >= self.config.max_len
+        if bool(full.any()):
+            seqs[full, :-1] = torch.cat([items[full, 1:], items.new_zeros(int(full.sum()), 1)], dim=1)
+        pos = torch.where(full, lengths - 1, lengths)
+        seqs[rows, pos] = self.mask_token
+        # RecBole drops the first column of every row instead (also of short histories); here a
+        # short history keeps all its items and its positions.
+        return seqs[:, : min(length + 1, self.config.max_len)], pos
+
+    @torch.no_grad()
+    def score(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Scores of every item as the next one: (B, n_items + 1), column 0 (padding) = -inf."""
+        if (lengths < 1).any():
+            raise ValueError("empty history: every user needs at least one item to be scored")
+        self.check_items(items)
+        seqs, pos = self.append_mask(items, lengths)
+        hidden = self(seqs)[torch.arange(items.shape[0], device=items.device), pos]  # (B, D)
+        scores = hidden @ self.output_embedding().t() + self.output_bias
+        scores[:, 0] = float("-inf")
+        return scores
