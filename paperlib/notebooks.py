@@ -44,6 +44,12 @@ NOTEBOOKS: dict[str, NotebookInfo] = {
             "Datasets: statistics before and after the 5-core filter",
             ("table1_datasets", "fig1_history_lengths"),
         ),
+        NotebookInfo(
+            "02_quality",
+            "quality",
+            "Quality: Mamba4Rec vs SASRec, BERT4Rec, GRU4Rec (HR/NDCG/MRR@10)",
+            ("table2_quality", "table2_quality_all_k", "fig2_validation_ndcg"),
+        ),
     ]
 }
 

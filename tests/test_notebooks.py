@@ -22,7 +22,18 @@ def check_datasets(doc):
     assert sum(ml["raw"]["length_hist"]) == 943
 
 
-CHECKS = {"datasets": check_datasets}
+def check_quality(doc):
+    runs = doc["results"]["runs"]
+    assert {r["model"] for r in runs} == {"gru4rec", "sasrec", "bert4rec", "mamba4rec"}
+    for r in runs:
+        assert len(r["history"]) == doc["params"]["epochs"] and r["dataset"] == "ml-100k"
+        assert all(h["steps"] == doc["params"]["max_steps_per_epoch"] for h in r["history"])
+        assert all(0.0 <= r["test"][f"{m}@10"] <= 1.0 for m in ("hr", "ndcg", "mrr"))
+        assert r["test"]["ndcg@10"] <= r["test"]["hr@10"] and r["test"]["mrr@10"] <= r["test"]["ndcg@10"]
+    assert doc["results"]["datasets"]["ml-100k"]["users"] == doc["params"]["max_users"]
+
+
+CHECKS = {"datasets": check_datasets, "quality": check_quality}
 
 
 @pytest.mark.parametrize("nb", list(NOTEBOOKS.values()), ids=lambda n: n.name)
