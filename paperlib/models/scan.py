@@ -18,11 +18,11 @@ Backends:
 
 * ``"reference"`` (:func:`selective_scan_reference`): a plain loop over time in PyTorch, the oracle
   of the tests. Autograd keeps one (batch, D, N) state per step, so its backward needs
-  L · batch · D · N floats (4.2 GB at batch 256, L 200, D 128, N 32).
+  L · batch · D · N floats (about 4 GB at batch 256, L 200, D 128, N 32).
 * ``"cpu"`` (:class:`_CpuScan`): numba kernels, parallel over (batch × channel), that never hold
   more than one (L, N) slice of states per worker thread. The forward keeps only the output; the
-  backward recomputes each channel's states into a thread-local (L + 1, N) buffer (about 26 KB,
-  L2-resident) and then runs the reverse-time recurrence. Grads of B and C (a sum over channels)
+  backward recomputes each channel's states and decays into two per-job (L, N) buffers (about
+  50 KB, L2-resident) and then runs the reverse-time recurrence. Grads of B and C (a sum over channels)
   are accumulated by the worker that owns the batch row, so there are no races; grads of A are
   written per (row, channel) and summed afterwards. The per-element ``exp`` of float32 uses a
   vectorisable polynomial (``2^k · p(r)``, degree-7 Taylor on |r| ≤ ln2/2, relative error ~1e-7)
@@ -38,20 +38,32 @@ tensors, else ``"reference"``.
 Computation is in float32 (float64 inputs stay float64, for gradient checks); the output has the
 dtype of ``u``, as in mamba_ssm.
 
-Measured on 2 cores (Xeon Sapphire Rapids, AVX-512), forward + backward at batch 256, L 200,
-D 128, N 32, float32 (see ``paperlib bench scan``; figures in the bench module's docstring):
+Design, chosen by measurement on the 2-core development machine (Xeon Sapphire Rapids, AVX-512,
+no vector math library for numba), forward + backward at batch 256, L 200, D 128, N 32, float32,
+quiet machine unless noted:
 
-* numba kernel with scalar ``math.exp``: ~1.6 s;
-* numba kernel with the polynomial ``exp``: see the bench docstring (the chosen path);
-* plain PyTorch loop (the reference): ~15-20 s and > 4 GB;
-* mambapy's parallel scan (materialises (batch, L, D, N) several times): tens of seconds.
+* numba kernels with the polynomial ``exp`` (this module): forward kernel 0.085 s, backward kernel
+  0.23 s (recompute 0.05 s, reverse recurrence 0.18 s); with the PyTorch element-wise ops around
+  them 0.39 s per forward + backward, 0.2 GB peak;
+* the same kernels calling scalar ``math.exp``: 0.25 s + 0.43 s of kernel time;
+* numba's OpenMP threading layer instead of workqueue: 0.9-1.3 s (see _choose_threading_layer);
+* the D skip and the silu(z) gate fused into the kernels: forward 0.11 s, backward 0.43 s (the
+  extra scalar work in the reverse loop spoils its vectorisation), so they stay in PyTorch;
+* any scan that steps through time with PyTorch ops on (batch, D, N) states (a chunked PyTorch scan
+  included) pays at least the forward of the plain loop: 0.51 s without autograd, before any
+  backward; the plain loop with autograd: 3.8 s and 3.9 GB (29 s on a busy machine);
+* mambapy's parallel scan materialises several (batch, L, D, N) tensors: 22 s and 8.4 GB.
 
-First use compiles the kernels (about 10-20 s); numba caches them on disk (``__pycache__`` next to
-this file, or ``$NUMBA_CACHE_DIR``, or a user cache folder when the package folder is read-only).
+``paperlib bench scan`` prints these side by side.
+
+The kernels compile on first use (about 3 s for float32 forward + backward, 2.5 s more for float64)
+and numba caches them on disk: ``__pycache__`` next to this file, or ``$NUMBA_CACHE_DIR``, or
+``<tmp>/paperlib-numba-cache`` when the package folder is read-only; a cached start takes 0.2 s.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -326,6 +338,8 @@ def _choose_threading_layer() -> None:
     OpenMP workers keep spinning and starve PyTorch's threads. Measured on 2 cores, one forward +
     backward at batch 256, L 200, D 128, N 32: 0.9-1.3 s with OpenMP, 0.39 s with workqueue (the
     same as with OMP_WAIT_POLICY=passive). Must run before numba launches its first threads.
+    workqueue does not support concurrent launches; the kernels hold the GIL, so calls from several
+    Python threads run one after the other.
     """
     global _LAYER_CHOSEN
     if _LAYER_CHOSEN:
@@ -429,8 +443,10 @@ def selective_scan_cpu(
 # mamba_ssm (CUDA) and the dispatcher
 
 
+@functools.lru_cache(maxsize=1)
 def _import_mamba_ssm_scan():
-    """mamba_ssm's ``selective_scan_fn``, or None where mamba_ssm or its CUDA extension is missing."""
+    """mamba_ssm's ``selective_scan_fn``, or None where mamba_ssm or its CUDA extension is missing
+    (tried once per process)."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except (ImportError, OSError, RuntimeError):
