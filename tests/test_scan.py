@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -158,3 +160,21 @@ def test_bad_shapes_raise_clear_errors():
         selective_scan_cpu(inp["u"], inp["delta"], inp["A"], inp["B"][0], inp["C"])
     with pytest.raises(ValueError, match="A must be"):
         selective_scan_cpu(inp["u"], inp["delta"], inp["A"].t(), inp["B"], inp["C"])
+
+
+def test_numba_cache_falls_back_to_a_writable_folder(monkeypatch, tmp_path):
+    """Where the package folder is read-only, the numba cache goes to a temporary folder."""
+    import tempfile
+
+    # setenv first so that the variable set by the function is undone after the test
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "")
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    scan._ensure_numba_cache_dir()
+    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "paperlib-numba-cache")
+    assert (tmp_path / "paperlib-numba-cache").is_dir()
