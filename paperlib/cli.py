@@ -52,7 +52,8 @@ def _written_since(start: float, root: Path) -> list[Path]:
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = {name: _parse_value(value) for name, value in (args.param or [])}
     start = time.time()
-    out = execute(args.notebook, args.preset, overrides, recompute=not args.render, output_dir=args.output_dir)
+    out = execute(args.notebook, args.preset, overrides, recompute=not args.render, output_dir=args.output_dir,
+                  log_output=args.log_output)
     print(f"executed notebook: {out}")
     for p in _written_since(start, paths.figures_dir(args.output_dir)):
         print(f"  wrote {p}")
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a parameter; VALUE is YAML (3, 0.5, [a, b], true)")
     run.add_argument("--output-dir", default="", help="write figures/tables/results here instead of figures/")
     run.add_argument("--render", action="store_true", help="render from existing results instead of computing")
+    run.add_argument("--log-output", action="store_true", help="stream the notebook's output (one line per epoch) here")
     run.set_defaults(fn=cmd_run)
 
     rep = sub.add_parser("reproduce", help="run every notebook, then re-render the committed ones")

@@ -96,6 +96,7 @@ def execute(
     output_dir: str | os.PathLike | None = None,
     executed_path: str | os.PathLike | None = None,
     progress: bool = True,
+    log_output: bool = False,
 ) -> Path:
     """Run one notebook through papermill and return the executed copy's path.
 
@@ -118,7 +119,7 @@ def execute(
     with _kernel_env():
         pm.execute_notebook(
             str(nb.path), str(out), parameters=params, kernel_name=KERNEL_NAME,
-            cwd=str(paths.notebooks_dir()), progress_bar=progress, log_output=False,
+            cwd=str(paths.notebooks_dir()), progress_bar=progress, log_output=log_output,
         )
     return out
 
