@@ -51,6 +51,13 @@ def _written_since(start: float, root: Path) -> list[Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = {name: _parse_value(value) for name, value in (args.param or [])}
+    if args.log_output:  # papermill streams the kernel's output through its logger
+        import logging
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("papermill").addHandler(handler)
+        logging.getLogger("papermill").setLevel(logging.INFO)
     start = time.time()
     out = execute(args.notebook, args.preset, overrides, recompute=not args.render, output_dir=args.output_dir,
                   log_output=args.log_output)
