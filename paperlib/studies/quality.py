@@ -29,6 +29,8 @@ NOTEBOOK = "02_quality"
 DISPLAY = {"gru4rec": "GRU4Rec", "sasrec": "SASRec", "bert4rec": "BERT4Rec", "mamba4rec": "Mamba4Rec"}
 #: Mamba4Rec's reported dropout on the Amazon datasets (0.2 on MovieLens), REFERENCES.md
 AMAZON_MAMBA_DROPOUT = 0.4
+#: published figures to compare with (Mamba4Rec paper, ML-1M, RecBole protocol); not our results
+REFERENCE_ML1M = {"source": "Mamba4Rec paper (Liu et al. 2024), ML-1M", "hr@10": 0.3121, "ndcg@10": 0.1822, "mrr@10": 0.1425}
 
 
 @dataclass
@@ -212,9 +214,27 @@ def table2_numeric(doc: dict) -> pd.DataFrame:
     return agg
 
 
+def compare_reference(doc: dict) -> pd.DataFrame:
+    """Our ML-1M Mamba4Rec runs next to the published Mamba4Rec figures: mean over seeds and the
+    relative gap ``ours / reference - 1``."""
+    df = runs_frame(doc)
+    df = df[(df["dataset"] == "ml-1m") & df["model"].str.startswith("Mamba4Rec")]
+    rows = {}
+    for model, g in df.groupby("model", sort=False):
+        for m in ("hr@10", "ndcg@10", "mrr@10"):
+            ours = g[m].mean()
+            rows[(model, m.upper())] = {"ours": round(ours, 4), "reference": REFERENCE_ML1M[m],
+                                        "gap (%)": round(100 * (ours / REFERENCE_ML1M[m] - 1), 1),
+                                        "epochs": int(g["epochs"].max())}
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index = pd.MultiIndex.from_tuples(out.index, names=["model", "metric"])
+    return out
+
+
 def figure2(doc: dict):
     """Figure 2: validation NDCG@10 per epoch for each model (one panel per dataset; seeds averaged)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     results.set_style()
     runs = doc["results"]["runs"]
@@ -229,6 +249,7 @@ def figure2(doc: dict):
             mean = np.mean([c[:n] for c in curves], axis=0)
             ax.plot(np.arange(1, n + 1), mean, color=f"C{i}", label=label, marker="o" if n < 15 else None, ms=3)
         ax.set_title(dataset)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation NDCG@10")
     axes[0][-1].legend(fontsize=8)
