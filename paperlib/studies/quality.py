@@ -202,7 +202,8 @@ def table2(doc: dict, ks: tuple[int, ...] = (10,)) -> pd.DataFrame:
         out[(dataset, model)] = cells
     table = pd.DataFrame.from_dict(out, orient="index")
     table.index = pd.MultiIndex.from_tuples(table.index, names=["dataset", "model"])
-    return table.reindex(sorted(table.index, key=lambda ix: (ix[0], order.index(ix[1]))))
+    datasets = list(dict.fromkeys(df["dataset"]))  # the order the study ran them in
+    return table.reindex(sorted(table.index, key=lambda ix: (datasets.index(ix[0]), order.index(ix[1]))))
 
 
 def table2_numeric(doc: dict) -> pd.DataFrame:
