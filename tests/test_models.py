@@ -30,22 +30,8 @@ TINY = {
 }
 
 
-def _mamba_available() -> bool:
-    try:
-        MODELS["mamba4rec"]
-    except ImportError:
-        return False
-    return True
-
-
-def model_params(names):
-    """Parametrise over ``names``; mamba4rec is skipped where its module cannot be imported."""
-    marks = pytest.mark.skipif(not _mamba_available(), reason="paperlib.models.mamba4rec not importable")
-    return [pytest.param(n, marks=marks) if n == "mamba4rec" else n for n in names]
-
-
-ALL = model_params(["sasrec", "bert4rec", "gru4rec", "mamba4rec"])
-CAUSAL = model_params(["sasrec", "gru4rec", "mamba4rec"])
+ALL = ["sasrec", "bert4rec", "gru4rec", "mamba4rec"]
+CAUSAL = ["sasrec", "gru4rec", "mamba4rec"]
 
 
 def tiny(name: str, n_items: int = N_ITEMS, max_len: int = MAX_LEN, **extra) -> torch.nn.Module:
