@@ -21,6 +21,7 @@ import yaml
 from paperlib import paths
 
 PRESETS: tuple[str, ...] = ("smoke", "quick", "paper")
+COMMITTED_PRESET = "quick"  # the preset whose results the committed notebooks and figures show
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,16 @@ class NotebookParams:
     preset: str = "quick"
     recompute: bool = False
     output_dir: str = ""
+
+    @property
+    def figure_dir(self) -> str:
+        """Where figures and tables go: ``output_dir`` if set; else ``figures/`` for the committed
+        preset and ``figures/<preset>/`` for the others, so a smoke or paper run never overwrites
+        the committed figures (results JSON files carry the preset in their name either way)."""
+        if self.output_dir:
+            return self.output_dir
+        root = paths.figures_dir()
+        return str(root if self.preset == COMMITTED_PRESET else root / self.preset)
 
 
 P = TypeVar("P", bound=NotebookParams)

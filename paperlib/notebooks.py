@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from paperlib import paths
-from paperlib.config import PRESETS, ConfigError, preset_path
+from paperlib.config import COMMITTED_PRESET, PRESETS, ConfigError, preset_path
 
 KERNEL_NAME = "python3"  # PITFALLS #5: never a conda-env-… name
-COMMITTED_PRESET = "quick"  # the preset whose results the committed notebooks render
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,12 @@ def test_tables_and_figures(tmp_path):
 
 def test_markdown_table_plain_index():
     assert markdown_table(pd.DataFrame({"a": [1]})).splitlines()[0] == "| a |"
+
+
+def test_figure_dir_keeps_committed_figures(monkeypatch, tmp_path):
+    from paperlib import paths
+
+    monkeypatch.setenv("PAPERLIB_FIGURES", str(tmp_path))
+    assert NotebookParams(preset="quick").figure_dir == str(paths.figures_dir())
+    assert NotebookParams(preset="paper").figure_dir == str(tmp_path / "paper")
+    assert NotebookParams(preset="smoke", output_dir="/x").figure_dir == "/x"
