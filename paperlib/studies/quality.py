@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -134,8 +135,10 @@ def compute(cfg: QualityParams, progress: bool = True) -> dict:
                 patience=cfg.patience, seed=seed, device=cfg.device,
                 max_steps_per_epoch=cfg.max_steps_per_epoch or None,
             )
-            # one folder per exact setting: a resumed run never continues a different configuration
-            key = json.dumps([asdict(model.config), tc.to_dict(), cfg.max_users, data.n_users], sort_keys=True)
+            # one folder per exact setting and training code: a resumed run never continues a
+            # different configuration, nor checkpoints written by other model or trainer code
+            key = json.dumps([asdict(model.config), tc.to_dict(), cfg.max_users, data.n_users, _code_hash()],
+                             sort_keys=True)
             ckpt = (paths.build_dir() / "checkpoints" / STUDY / cfg.preset / dataset
                     / f"{spec.replace(':', '_').replace(',', '_')}-{hashlib.sha1(key.encode()).hexdigest()[:10]}" / str(seed))
             if progress:
@@ -160,6 +163,16 @@ def compute(cfg: QualityParams, progress: bool = True) -> dict:
     results.save_results(STUDY, cfg.preset, asdict(cfg), payload, output_dir=cfg.output_dir,
                          wall_seconds=time.perf_counter() - t0, started=started)
     return load(cfg)
+
+
+def _code_hash() -> str:
+    """Hash of the code that shapes a trained model: the models, the trainer, the batches."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "models").glob("*.py")) + [root / "train.py", root / "data" / "sequences.py"]
+    digest = hashlib.sha1()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 def _log_epochs_to_stdout() -> None:
