@@ -47,12 +47,15 @@ class SequentialRecommender(nn.Module):
         """(n_items + 1, D) table whose rows are dotted with hidden states to score items."""
         raise NotImplementedError
 
-    def check_items(self, items: torch.Tensor) -> None:
-        """Raise a clear error for ids outside ``0..n_items``."""
+    def check_items(self, items: torch.Tensor, mask_token: int | None = None) -> None:
+        """Raise a clear error for ids outside ``0..n_items`` (or equal to ``mask_token``, the one
+        extra id a masked-item model such as BERT4Rec feeds itself)."""
         n = self.config.n_items
-        if items.numel() and (int(items.min()) < 0 or int(items.max()) > n):
+        top = n if mask_token is None else mask_token
+        if items.numel() and (int(items.min()) < 0 or int(items.max()) > top):
+            also = "" if mask_token is None else f" (or {mask_token} = [MASK])"
             raise ValueError(
-                f"item ids must lie in 0..{n} (0 = padding) for this model's catalogue of {n} items; "
+                f"item ids must lie in 0..{n}{also} (0 = padding) for this model's catalogue of {n} items; "
                 f"got range {int(items.min())}..{int(items.max())}. Was the model built for another dataset?"
             )
 

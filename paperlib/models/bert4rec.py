@@ -79,11 +79,7 @@ class BERT4Rec(SequentialRecommender):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items (B, L) right-padded ids in 0..n_items + 1 (the last is [MASK]), L <= max_len
         → output-head states (B, L, D); every real position sees every real position."""
-        if items.numel() and (int(items.min()) < 0 or int(items.max()) > self.mask_token):
-            raise ValueError(
-                f"item ids must lie in 0..{self.config.n_items} (or {self.mask_token} = [MASK]); "
-                f"got range {int(items.min())}..{int(items.max())}. Was the model built for another dataset?"
-            )
+        self.check_items(items, mask_token=self.mask_token)
         length = items.shape[1]
         if length > self.config.max_len:
             raise ValueError(
