@@ -111,11 +111,11 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     print(f"selective-scan backends: {', '.join(available_backends())}")
     print(f"PAPERLIB_DATA: {paths.data_dir() or '(not set)'}   cache: {paths.cache_dir()}")
-    from paperlib.data import find_files
+    from paperlib.data import locate
 
     for name in DATASETS:
         try:
-            found = find_files(name, download=False)
+            found = locate(name, download=False)
             print(f"  {name:<20} {found}")
         except Exception as exc:  # noqa: BLE001 - report, don't fail
             print(f"  {name:<20} not found locally ({str(exc).splitlines()[0]})")

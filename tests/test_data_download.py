@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from paperlib.data import DATASETS, DataError, Download, find_files, load_dataset, load_interactions, load_titles
+from paperlib.data import DATASETS, DataError, Download, locate, load_dataset, load_interactions, load_titles
 from paperlib.data import download as dl
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*not the reference copy")
@@ -86,7 +86,7 @@ def test_download_success_then_cache(server, monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="not the reference copy"):  # a test zip, not GroupLens' file
         df = load_interactions("ml-100k")
     assert len(df) == 5 and cache_files(tmp_path, "ml-100k") == ["ml-100k.zip"]
-    assert str(find_files("ml-100k")).startswith("official-zip layout")
+    assert str(locate("ml-100k")).startswith("official-zip layout")
     assert load_titles("ml-100k") == {"10": "Movie Ten (1990)", "11": "Movie Eleven (1991)", "12": "Movie Twelve (1992)"}
     assert _Quiet.requests == ["/ml-100k.zip"]
     load_interactions("ml-100k")  # from the cache now: no second request
@@ -187,7 +187,7 @@ def test_lookup_order_data_dir_then_cache(monkeypatch, tmp_path):
     assert len(load_interactions("ml-100k", download=False)) == 5  # data folder empty: cache
     data.mkdir(parents=True)
     (data / "u.data.gz").write_bytes(gzip.compress(UDATA.encode()[: UDATA.index("3\t11")]))
-    found = find_files("ml-100k", download=False)
+    found = locate("ml-100k", download=False)
     assert found.folder == data and found.interactions.name == "u.data.gz"
     assert len(load_interactions("ml-100k")) == 4  # PAPERLIB_DATA wins; gz variant accepted
 
@@ -197,17 +197,17 @@ def test_layout_priority_and_missing_titles(monkeypatch, tmp_path):
     folder.mkdir(parents=True)
     monkeypatch.setenv("PAPERLIB_DATA", str(tmp_path / "data"))
     (folder / "ml-1m_sequences.txt").write_text("1 10\n1 11\n1 12\n")
-    assert find_files("ml-1m").layout.name == "sequences"
+    assert locate("ml-1m").layout.name == "sequences"
     with pytest.raises(DataError, match=r"no title file next to .*put movies.dat"):
         load_titles("ml-1m")
     with pytest.warns(UserWarning, match="Loading without titles"):
         assert load_dataset("ml-1m", k=0).titles is None
     (folder / "ratings.dat").write_text("1::10::5::1\n1::11::5::2\n1::12::5::3\n")
-    assert find_files("ml-1m").layout.name == "official"  # the official format comes first
+    assert locate("ml-1m").layout.name == "official"  # the official format comes first
 
 
 def test_unknown_dataset():
-    for fn in (load_interactions, load_titles, load_dataset, find_files):
+    for fn in (load_interactions, load_titles, load_dataset, locate):
         with pytest.raises(DataError, match=r"unknown dataset 'movielens'.*ml-1m, ml-100k, amazon-beauty, amazon-video-games"):
             fn("movielens")
 

@@ -11,7 +11,7 @@ Files are looked up in ``$PAPERLIB_DATA/<dataset>/``, then ``$PAPERLIB_CACHE/<da
 downloaded with a checksum check (see ``download``). Known datasets: ``DATASETS``.
 """
 
-from .download import DownloadError, Located, download_dataset, find_files, get_spec, locate
+from .download import DownloadError, Located, download_dataset, get_spec, locate
 from .process import (
     DatasetStats,
     dataset_stats,
@@ -50,7 +50,6 @@ __all__ = [
     "dataset_stats",
     "download_dataset",
     "eval_batches",
-    "find_files",
     "get_spec",
     "kcore",
     "load_dataset",

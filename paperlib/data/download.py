@@ -36,7 +36,6 @@ __all__ = [
     "resolve_file",
     "find_layout",
     "locate",
-    "find_files",
     "fetch",
     "download_dataset",
     "download_allowed",
@@ -245,6 +244,3 @@ def locate(name: str, download: bool | None = None) -> Located:
         raise DataError(missing_message(spec, f"the downloaded files in {folder} do not form an accepted layout"))
     return found
 
-
-#: Public name used by ``paperlib env``: ``find_files(name, download=False)``.
-find_files = locate
