@@ -42,6 +42,16 @@ def _run(fn, inp, use, softplus, weights):
     return out.detach(), grads
 
 
+def _assert_cpu_matches_reference(inp, use, softplus, weights):
+    """float32: outputs and every gradient of the CPU kernels equal the reference loop's."""
+    out_c, g_c = _run(selective_scan_cpu, inp, use, softplus, weights)
+    out_r, g_r = _run(selective_scan_reference, inp, use, softplus, weights)
+    torch.testing.assert_close(out_c, out_r, rtol=1e-4, atol=1e-5)
+    assert len(g_c) == len(g_r)
+    for a, b in zip(g_c, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
 OPTIONS = [
     (set(), False),
     ({"D"}, False),
@@ -56,11 +66,7 @@ OPTIONS = [
 def test_cpu_matches_reference_float32(use, softplus):
     inp = _inputs(positive_delta=not softplus)
     weights = torch.randn(2, 5, 13, generator=torch.Generator().manual_seed(1))
-    out_c, g_c = _run(selective_scan_cpu, inp, use, softplus, weights)
-    out_r, g_r = _run(selective_scan_reference, inp, use, softplus, weights)
-    torch.testing.assert_close(out_c, out_r, rtol=1e-4, atol=1e-5)
-    for a, b in zip(g_c, g_r):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    _assert_cpu_matches_reference(inp, use, softplus, weights)
 
 
 def test_cpu_matches_reference_small_batch_many_channels():
@@ -68,11 +74,7 @@ def test_cpu_matches_reference_small_batch_many_channels():
     inp = _inputs(batch=1, dim=33, length=7, n=4, seed=3)
     weights = torch.randn(1, 33, 7, generator=torch.Generator().manual_seed(2))
     use = {"D", "z", "delta_bias"}
-    out_c, g_c = _run(selective_scan_cpu, inp, use, True, weights)
-    out_r, g_r = _run(selective_scan_reference, inp, use, True, weights)
-    torch.testing.assert_close(out_c, out_r, rtol=1e-4, atol=1e-5)
-    for a, b in zip(g_c, g_r):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    _assert_cpu_matches_reference(inp, use, True, weights)
 
 
 def test_cpu_float64_matches_reference_and_gradcheck():
