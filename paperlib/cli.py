@@ -74,18 +74,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     names = args.notebooks or list(NOTEBOOKS)
     for name in names:
         get_notebook(name)  # fail before running anything
-    timings: list[tuple[str, float]] = []
+    timings: list[tuple[str, float, Path]] = []
     for name in tqdm(names, desc=f"reproduce ({args.preset})", unit="notebook"):
         t0 = time.perf_counter()
-        execute(name, args.preset, recompute=True, output_dir=args.output_dir, progress=False)
-        timings.append((name, time.perf_counter() - t0))
+        executed = execute(name, args.preset, recompute=True, output_dir=args.output_dir, progress=False)
+        timings.append((name, time.perf_counter() - t0, executed))
     rendered: list[Path] = []
     if args.preset == COMMITTED_PRESET and not args.output_dir and not args.no_render:
         for name in tqdm(names, desc="re-render committed notebooks", unit="notebook"):
             rendered.append(render_committed(name))
     print("\nSummary")
-    for name, secs in timings:
-        print(f"  {name:<16} computed in {secs:7.1f} s -> {paths.build_dir() / 'notebooks' / f'{name}.{args.preset}.ipynb'}")
+    for name, secs, executed in timings:
+        print(f"  {name:<16} computed in {secs:7.1f} s -> {executed}")
     for p in rendered:
         print(f"  re-rendered {p}")
     if args.preset != COMMITTED_PRESET:
