@@ -9,7 +9,6 @@ notebooks all read the same preset files through this module.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -147,6 +146,3 @@ def resolve(cls: type[P], notebook: str, **given: Any) -> P:
         validate()
     return cfg
 
-
-def as_dict(cfg: NotebookParams) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -80,17 +80,6 @@ def full_ranking_metrics(
     return metrics_from_ranks(target_ranks(scores, targets), ks)
 
 
-def ranks_in_batches(
-    scores: torch.Tensor, targets: torch.Tensor, batch_size: int = 2048
-) -> torch.Tensor:
-    """``target_ranks`` a block of users at a time, for score matrices too large to compare at once."""
-    parts = [
-        target_ranks(scores[s : s + batch_size], targets[s : s + batch_size])
-        for s in range(0, scores.shape[0], batch_size)
-    ]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-
-
 def sample_negatives(
     histories: Iterable[np.ndarray],
     targets: np.ndarray,
@@ -142,9 +131,6 @@ class RankingAccumulator:
 
     def add(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         self._ranks.append(target_ranks(scores, targets).cpu())
-
-    def add_ranks(self, ranks: torch.Tensor) -> None:
-        self._ranks.append(torch.as_tensor(ranks).cpu())
 
     @property
     def ranks(self) -> torch.Tensor:
