@@ -14,7 +14,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from paperlib import __version__, paths
+from paperlib.runtime import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -130,15 +130,9 @@ def save_results(
         "results": _jsonable(dict(results)),
         "provenance": provenance(wall_seconds, started),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        json.dump(doc, fh, indent=1, sort_keys=False)
+        fh.write("\n")
     return path
 
 

@@ -1,14 +1,29 @@
-"""Training and evaluation: ``fit`` with early stopping, checkpoints and exact resume; ``evaluate``
-with full ranking.
+"""Training and evaluation: the :class:`Trainer` (epochs, steps, early stopping, checkpoints and
+exact resume, with hooks for the studies) and ``evaluate`` with full ranking.
 
-The loop follows RecBole's trainer as Mamba4Rec runs it: Adam (lr 1e-3), train batch 2048, eval
-batch 4096, evaluation on the validation split after every epoch, early stopping on validation
-NDCG@10 with ``stopping_step`` 10, and the test split scored once with the best weights.
+The loop follows RecBole's trainer as Mamba4Rec runs it: Adam (lr 1e-3), 2,048 (prefix, target)
+pairs a step, eval batch 4,096, evaluation on the validation split after every epoch, early stopping
+on validation NDCG@10 with ``stopping_step`` 10, and the test split scored once with the best weights.
+An epoch covers every RecBole training pair exactly once (``paperlib.data.sequences.TrainLoader``).
 
-Determinism: ``fit`` seeds python, numpy and torch, and shuffles with its own ``torch.Generator``.
-Every epoch ends with a checkpoint holding the model, the optimizer, the generator and every RNG
-state, so ``resume=True`` continues an interrupted run exactly where it stopped. Checkpoints hold
-tensors and plain Python values only, so they load with ``torch.load(weights_only=True)``.
+The pieces, each short enough to read on its own:
+
+* :meth:`Trainer.fit` runs epochs until the budget or the patience runs out, then tests;
+* :meth:`Trainer.train_epoch` draws batches and calls :meth:`Trainer.train_step`;
+* :meth:`Trainer.train_step` is one optimizer update (closure-taking optimizers get a closure);
+* :class:`EarlyStopping` is RecBole's rule; :meth:`Trainer.save` / :meth:`Trainer.restore` the
+  checkpoints.
+
+Studies plug in through :class:`Callback`: ``before_step`` may change ``trainer.loader.batch_size``
+(the loader takes it for the very next batch, without restarting the epoch), ``after_backward``
+sees the gradients before the update, ``after_step`` the per-step record, and a callback's
+``state_dict`` goes into every checkpoint.
+
+Determinism: the trainer seeds python, numpy and torch, and shuffles with its own
+``torch.Generator``. Every epoch ends with a checkpoint holding the model, the optimizer, the
+generator, every RNG state and the callbacks' state, so ``resume=True`` continues an interrupted run
+exactly where it stopped. Checkpoints hold tensors and plain Python values only, so they load with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,7 +33,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +43,16 @@ import numpy as np
 import torch
 from tqdm import tqdm  # the plain bar: tqdm.auto warns without ipywidgets in notebooks
 
-from paperlib.data.sequences import SequentialData, TrainBatch, eval_batches, train_batches
+from paperlib.data.sequences import SequentialData, TrainBatch, TrainLoader, eval_batches
+from paperlib.fields import Checked, ConfigError, param
 from paperlib.metrics import DEFAULT_KS, METRIC_NAMES, RankingAccumulator
 from paperlib.models import MODELS, config_from_dict, model_name
 from paperlib.models.base import SequentialRecommender
+from paperlib.runtime import atomic_write, progress_enabled
 
 logger = logging.getLogger("paperlib.train")
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -44,64 +62,41 @@ class TrainingDivergedError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
-    """Training-loop settings (RecBole's defaults as Mamba4Rec's ``config.yaml`` uses them).
+class TrainConfig(Checked):
+    """Training-loop settings; the defaults are RecBole's as Mamba4Rec's ``config.yaml`` uses them."""
 
-    Attributes:
-        epochs: maximum number of epochs.
-        batch_size: training sequences per step (RecBole ``train_batch_size``).
-        eval_batch_size: users per evaluation batch (RecBole ``eval_batch_size``).
-        lr, weight_decay: Adam's settings.
-        patience: RecBole's ``stopping_step``: training stops once the validation metric has not
-            reached its best for more than ``patience`` consecutive epochs. As in RecBole, a value
-            equal to the best counts as an improvement (the later epoch is kept).
-        valid_metric: early-stopping metric, one of ``{hr,ndcg,mrr}@K`` with K in ``ks``.
-        seed: seeds python, numpy, torch and the shuffling generator.
-        max_steps_per_epoch: cap on optimizer steps per epoch (smoke and quick runs); None = all.
-        ks: cut-offs K of the reported metrics.
-        device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
-        checkpoint_dir: folder for ``last.pt`` / ``best.pt``; None writes no checkpoints.
-    """
-
-    epochs: int = 300
-    batch_size: int = 2048
-    eval_batch_size: int = 4096
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 10
-    valid_metric: str = "ndcg@10"
-    seed: int = 2020
-    max_steps_per_epoch: int | None = None
-    ks: tuple[int, ...] = DEFAULT_KS
-    device: str = "auto"
-    checkpoint_dir: str | None = None
+    epochs: int = param(300, "maximum number of epochs", min=1)
+    batch_size: int = param(2048, "(prefix, target) pairs per optimizer step, as RecBole's train_batch_size counts them", min=1)
+    eval_batch_size: int = param(4096, "users per evaluation batch", min=1)
+    lr: float = param(1e-3, "Adam's learning rate", min=0.0)
+    weight_decay: float = param(0.0, "Adam's weight decay", min=0.0)
+    patience: int = param(10, "RecBole's stopping_step: stop after more than this many epochs without a better "
+                          "validation metric (a tie counts as better)", min=0)
+    valid_metric: str = param("ndcg@10", "early-stopping metric, {hr,ndcg,mrr}@K with K in ks")
+    seed: int = param(2020, "seeds python, numpy, torch and the shuffling generator", min=0)
+    max_steps_per_epoch: int | None = param(None, "cap on optimizer steps per epoch (smoke runs); None = all", min=1)
+    window_stride: int | None = param(None, "targets between training windows over long histories; None = max_len "
+                                      "(non-overlapping), 1 = every target with its full max_len history", min=1)
+    record_steps: bool = param(False, "keep one record per optimizer step (batch size, step size, examples, time)")
+    ks: tuple[int, ...] = param(DEFAULT_KS, "cut-offs K of the reported metrics", min=1)
+    device: str = param("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
+    checkpoint_dir: str | None = param(None, "folder for last.pt / best.pt; None writes no checkpoints")
 
     def __post_init__(self) -> None:
-        self.ks = tuple(int(k) for k in self.ks)
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("patience", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
-        if self.max_steps_per_epoch is not None and (
-            isinstance(self.max_steps_per_epoch, bool)
-            or not isinstance(self.max_steps_per_epoch, int)
-            or self.max_steps_per_epoch < 1
-        ):
-            raise ValueError(f"TrainConfig.max_steps_per_epoch must be None or >= 1, got {self.max_steps_per_epoch!r}")
-        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
-        if isinstance(self.weight_decay, bool) or not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        try:
+            super().__post_init__()
+        except ConfigError as err:
+            raise ConfigError(f"TrainConfig: {err}") from None
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"'lr' must be > 0, got {self.lr}")
         metric, _, k = self.valid_metric.partition("@")
         valid = [f"{m}@{kk}" for m in METRIC_NAMES for kk in self.ks]
         if metric not in METRIC_NAMES or not k.isdigit() or int(k) not in self.ks:
-            raise ValueError(f"TrainConfig.valid_metric {self.valid_metric!r} is not one of {valid}")
-        if not (self.device in ("cpu", "cuda", "auto") or str(self.device).startswith("cuda:")):
-            raise ValueError(f"TrainConfig.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+            raise ConfigError(f"'valid_metric' {self.valid_metric!r} is not one of {valid}")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ConfigError(f"'device' must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -115,7 +110,11 @@ class FitResult:
 
     Attributes:
         history: one dict per epoch: ``epoch``, ``train_loss`` (mean over steps), ``steps``,
-            ``train_seconds``, ``eval_seconds``, ``seconds``, ``valid`` (metric dict), ``improved``.
+            ``pairs`` (targets trained on), ``train_seconds``, ``eval_seconds``, ``seconds``,
+            ``valid`` (metric dict), ``improved``.
+        steps: one dict per optimizer step when ``record_steps`` (else empty): ``epoch``, ``step``,
+            ``batch_size`` (pairs), ``sequences``, ``step_size``, ``examples`` (pairs seen so
+            far), ``seconds`` (training time so far), ``loss``.
         best_epoch, best_valid: the epoch whose weights were kept and its validation metrics.
         test: test metrics of the restored best model.
         wall_seconds: wall time of this call (a resumed run counts from the resume).
@@ -132,6 +131,8 @@ class FitResult:
     wall_seconds: float
     stopped_early: bool
     device: str
+    pairs_per_epoch: int = 0
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,10 +152,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
     return torch.device(device)
-
-
-def _progress_disabled(progress: bool) -> bool:
-    return not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _check_compatible(model: SequentialRecommender, data: SequentialData) -> None:
@@ -208,13 +205,9 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    """``torch.save`` through :func:`paperlib.runtime.atomic_write`: a crash never leaves half a file."""
+    with atomic_write(path, "wb") as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _read(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -271,28 +264,308 @@ def evaluate(
 
 # --------------------------------------------------------------------------- training
 @dataclass
-class _LoopState:
-    epoch: int = 0  # epochs completed
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int = 0
+class EarlyStopping:
+    """RecBole's rule: a validation metric at least as good as the best so far is an improvement
+    (ties move the best to the later epoch); training stops once more than ``patience``
+    consecutive epochs did not improve."""
+
+    patience: int
     best_metric: float = -math.inf
-    best_valid: dict[str, float] = field(default_factory=dict)
-    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
     bad_epochs: int = 0
-    stopped_early: bool = False
+    stopped: bool = False
+
+    def update(self, epoch: int, metric: float) -> bool:
+        """Record ``epoch``'s metric; True if it is the new best."""
+        if metric >= self.best_metric:
+            self.best_metric, self.best_epoch, self.bad_epochs = metric, epoch, 0
+            return True
+        self.bad_epochs += 1
+        self.stopped = self.bad_epochs > self.patience
+        return False
 
 
-def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
-    return TrainBatch(
-        items=batch.items.to(device, non_blocking=True),
-        targets=batch.targets.to(device, non_blocking=True),
-        lengths=batch.lengths.to(device, non_blocking=True),
-    )
+class Callback:
+    """Hooks into the :class:`Trainer`; override what you need. A callback's ``state_dict`` is
+    saved in every checkpoint and handed back to ``load_state_dict`` on resume."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """Before the first epoch (also after a resume)."""
+
+    def before_step(self, trainer: "Trainer") -> None:
+        """Before each batch is drawn: set ``trainer.loader.batch_size`` here to change it."""
+
+    def after_backward(self, trainer: "Trainer", batch: TrainBatch) -> None:
+        """Gradients of the batch's mean loss are in ``p.grad``; the optimizer has not stepped."""
+
+    def after_step(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        """After the update; ``record`` is the step's record (see :class:`FitResult`)."""
+
+    def on_epoch_end(self, trainer: "Trainer", entry: dict[str, Any]) -> None:
+        """After validation; ``entry`` is the epoch's history entry."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Trainer:
+    """Trains one model on one dataset (see the module docstring).
+
+    Args:
+        model: a registered model (``paperlib.models.build_model``); moved to ``config.device``.
+        data: the dataset (leave-one-out split).
+        config: loop settings; ``TrainConfig()`` if None.
+        optimizer: replaces the default Adam (its state is checkpointed too). An optimizer whose
+            class sets ``needs_closure = True`` is stepped with a closure that recomputes the loss
+            and gradients of the current batch at the current weights. One with an ``averaged()``
+            context manager (USGM) is evaluated with the weights that context swaps in.
+        callbacks: :class:`Callback` hooks.
+        checkpoint_dir: overrides ``config.checkpoint_dir``; ``last.pt`` is written after every
+            epoch and ``best.pt`` whenever validation improves.
+        progress: tqdm bar over each epoch's batches (also off when ``TQDM_DISABLE=1``).
+    """
+
+    def __init__(self, model: SequentialRecommender, data: SequentialData, config: TrainConfig | None = None, *,
+                 optimizer: torch.optim.Optimizer | None = None, callbacks: Iterable[Callback] = (),
+                 checkpoint_dir: str | os.PathLike | None = None, progress: bool = True) -> None:
+        self.config = config = config or TrainConfig()
+        _check_compatible(model, data)
+        self.model, self.data, self.callbacks = model, data, list(callbacks)
+        self.name = model_name(model)
+        self.model_cfg = asdict(model.config)
+        self.device = resolve_device(config.device)
+        ckpt = checkpoint_dir if checkpoint_dir is not None else config.checkpoint_dir
+        self.checkpoint_dir = Path(ckpt) if ckpt is not None else None
+        self.progress = progress_enabled(progress)
+        model.to(self.device)
+        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        set_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # shuffling, on the CPU like the batches
+        self.loader = TrainLoader(data, config.batch_size, generator=self.generator, stride=config.window_stride)
+        self.stopping = EarlyStopping(config.patience)
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []
+        self.examples = 0  # (prefix, target) pairs trained on so far
+        self.train_seconds = 0.0  # training time so far (evaluation excluded)
+        self.best_valid: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train until ``config.epochs`` or early stopping, restore the best epoch's weights and
+        score the test split with them.
+
+        Args:
+            resume: continue from ``checkpoint_dir/last.pt`` if it exists (exactly: same weights,
+                optimizer, shuffling, dropout and callback state as an uninterrupted run).
+
+        Raises:
+            TrainingDivergedError: the loss became NaN/inf; the message names the epoch and step,
+                and the checkpoints of the last good epoch are left untouched.
+        """
+        started = time.perf_counter()
+        if resume:
+            self._resume()
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        while self.epoch < self.config.epochs and not self.stopping.stopped:
+            self.run_epoch()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        test = evaluate(self.model, self.data, "test", self.config.eval_batch_size, self.config.ks, self.device)
+        logger.info("%s: test %s", self.name, ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        return FitResult(
+            model_name=self.name, model_config=self.model_cfg, train_config=self.config.to_dict(),
+            history=self.history, best_epoch=self.stopping.best_epoch, best_valid=dict(self.best_valid), test=test,
+            wall_seconds=time.perf_counter() - started, stopped_early=self.stopping.stopped, device=str(self.device),
+            pairs_per_epoch=self.loader.n_pairs, steps=self.steps,
+        )
+
+    def run_epoch(self) -> dict[str, Any]:
+        """One epoch: train, validate, log one line, checkpoint. Returns its history entry."""
+        epoch = self.epoch + 1
+        t0 = time.perf_counter()
+        losses, pairs = self.train_epoch(epoch)
+        _sync(self.device)
+        train_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        valid = self.validate()
+        eval_seconds = time.perf_counter() - t1
+        improved = self.stopping.update(epoch, valid[self.config.valid_metric])
+        if improved:
+            self.best_valid = valid
+            with self._evaluation_weights():
+                self.best_state = _cpu_state(self.model)
+        self.epoch = epoch
+        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "steps": len(losses), "pairs": pairs,
+                 "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                 "seconds": train_seconds + eval_seconds, "valid": valid, "improved": improved}
+        self.history.append(entry)
+        self._log_epoch(entry)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, entry)
+        if self.checkpoint_dir is not None:
+            self.save(improved)
+        return entry
+
+    def train_epoch(self, epoch: int) -> tuple[list[float], int]:
+        """The training steps of one epoch; returns the step losses and the pairs trained on."""
+        self.model.train()
+        cap = self.config.max_steps_per_epoch
+        total = min(self.loader.steps_estimate(), cap) if cap else self.loader.steps_estimate()
+        losses, pairs = [], 0
+        batches = iter(self.loader)
+        with tqdm(total=total, desc=f"{self.name} epoch {epoch}", disable=not self.progress, leave=False,
+                  dynamic_ncols=True) as bar:
+            while cap is None or len(losses) < cap:
+                for cb in self.callbacks:
+                    cb.before_step(self)  # may change self.loader.batch_size for the next batch
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                t0 = time.perf_counter()
+                loss = self.train_step(batch, epoch, len(losses) + 1)
+                _sync(self.device)
+                self.train_seconds += time.perf_counter() - t0
+                self.examples += batch.n_pairs
+                losses.append(loss)
+                pairs += batch.n_pairs
+                self._record_step(epoch, len(losses), batch, loss)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        return losses, pairs
+
+    def train_step(self, batch: TrainBatch, epoch: int, step: int) -> float:
+        """One optimizer update on ``batch``; returns its loss (before the update)."""
+        batch = batch.to(self.device)
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.model.loss(batch)
+            loss.backward()
+            return loss
+
+        loss = closure()
+        value = loss.item()
+        if not math.isfinite(value):
+            kept = (f"the checkpoints of epoch {self.epoch} are kept in {self.checkpoint_dir}"
+                    if self.checkpoint_dir is not None and self.epoch > 0 else "no checkpoint was written")
+            raise TrainingDivergedError(f"{self.name}: training loss is {value} at epoch {epoch}, step {step}; "
+                                        f"{kept}. Lower the learning rate or check the data.")
+        for cb in self.callbacks:
+            cb.after_backward(self, batch)
+        if getattr(self.optimizer, "needs_closure", False):
+            self.optimizer.step(closure)
+        else:
+            self.optimizer.step()
+        return value
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics, with the optimizer's evaluation weights where it has them."""
+        with self._evaluation_weights():
+            return evaluate(self.model, self.data, "valid", self.config.eval_batch_size, self.config.ks, self.device)
+
+    # ------------------------------------------------------------------ pieces
+    def step_size(self) -> float:
+        """The optimizer's current step size: its ``last_step_size`` if it reports one (adaptive
+        methods), else the learning rate of its first parameter group."""
+        size = getattr(self.optimizer, "last_step_size", None)
+        return float(size if size is not None else self.optimizer.param_groups[0]["lr"])
+
+    def _evaluation_weights(self):
+        averaged = getattr(self.optimizer, "averaged", None)
+        return averaged() if callable(averaged) else nullcontext()
+
+    def _record_step(self, epoch: int, step: int, batch: TrainBatch, loss: float) -> None:
+        record = {"epoch": epoch, "step": step, "batch_size": batch.n_pairs, "sequences": int(batch.items.shape[0]),
+                  "step_size": self.step_size(), "examples": self.examples, "seconds": self.train_seconds,
+                  "loss": loss}
+        if self.config.record_steps:
+            self.steps.append(record)
+        for cb in self.callbacks:
+            cb.after_step(self, record)
+
+    def _log_epoch(self, entry: dict[str, Any]) -> None:
+        metric = self.config.valid_metric
+        k = metric.partition("@")[2]
+        valid = entry["valid"]
+        logger.info("%s epoch %d: loss %.4f | valid %s %.4f, hr@%s %.4f%s | %.1f s (train %.1f s, %d steps)",
+                    self.name, entry["epoch"], entry["train_loss"], metric, valid[metric], k,
+                    valid.get(f"hr@{k}", float("nan")), " *" if entry["improved"] else "", entry["seconds"],
+                    entry["train_seconds"], entry["steps"])
+        if self.stopping.stopped:
+            logger.info("%s: no better %s for %d epochs, stopping; best epoch %d (%.4f)", self.name, metric,
+                        self.stopping.bad_epochs, self.stopping.best_epoch, self.stopping.best_metric)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, improved: bool) -> None:
+        """Write ``best.pt`` (if improved) then ``last.pt``, both atomically, at the end of an epoch."""
+        common = {"format": CHECKPOINT_FORMAT, "model_name": self.name, "model_config": self.model_cfg}
+        if improved:
+            _atomic_save({**common, "model_state": self.best_state, "epoch": self.stopping.best_epoch,
+                          "valid": self.best_valid}, self.checkpoint_dir / BEST)
+        _atomic_save({
+            **common,
+            "train_config": self.config.to_dict(),
+            "model_state": _cpu_state(self.model),
+            "optimizer_state": self.optimizer.state_dict(),
+            "rng": _rng_state(self.generator),
+            "epoch": self.epoch,
+            "history": self.history,
+            "steps": self.steps,
+            "examples": self.examples,
+            "train_seconds": self.train_seconds,
+            "batch_size": self.loader.batch_size,
+            "stopping": asdict(self.stopping),
+            "best_valid": self.best_valid,
+            "best_state": self.best_state,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }, self.checkpoint_dir / LAST)
+
+    def _resume(self) -> None:
+        if self.checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir to resume from")
+        last = self.checkpoint_dir / LAST
+        if not last.is_file():
+            logger.info("%s: no checkpoint at %s, training from scratch", self.name, last)
+            return
+        self.restore(last)
+        logger.info("%s: resumed from %s after epoch %d", self.name, last, self.epoch)
+
+    def restore(self, path: Path) -> None:
+        """Load the whole loop state of ``last.pt``; refuses another model or configuration."""
+        ckpt = _read(path)
+        if ckpt["model_name"] != self.name:
+            raise ValueError(f"{path} holds a {ckpt['model_name']!r} run; cannot resume it with a {self.name!r} model")
+        if ckpt["model_config"] != self.model_cfg:
+            diff = {k: (ckpt["model_config"].get(k), v) for k, v in self.model_cfg.items()
+                    if ckpt["model_config"].get(k) != v}
+            raise ValueError(f"{path}: model config differs from the checkpoint's (checkpoint, given): {diff}")
+        stored = ckpt.get("train_config", {})
+        changed = [k for k in ("batch_size", "lr", "weight_decay", "seed", "max_steps_per_epoch", "valid_metric",
+                               "window_stride") if k in stored and stored[k] != getattr(self.config, k)]
+        if changed:
+            logger.warning("resuming %s with different %s: the run will not match an uninterrupted one", path, changed)
+        if len(ckpt["callbacks"]) != len(self.callbacks):
+            raise ValueError(f"{path} was written with {len(ckpt['callbacks'])} callback(s), this run has "
+                             f"{len(self.callbacks)}: resume it with the same callbacks")
+        self.model.load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        _set_rng_state(ckpt["rng"], self.generator)
+        self.epoch, self.history, self.steps = ckpt["epoch"], list(ckpt["history"]), list(ckpt["steps"])
+        self.examples, self.train_seconds = ckpt["examples"], ckpt["train_seconds"]
+        self.loader.batch_size = ckpt["batch_size"]
+        self.stopping = EarlyStopping(**ckpt["stopping"])
+        self.stopping.patience = self.config.patience
+        self.best_valid, self.best_state = dict(ckpt["best_valid"]), ckpt["best_state"]
+        for cb, state in zip(self.callbacks, ckpt["callbacks"]):
+            cb.load_state_dict(state)
 
 
 def fit(
@@ -303,199 +576,26 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
+    callbacks: Iterable[Callback] = (),
 ) -> FitResult:
-    """Train ``model`` on ``data``'s training sequences, early-stopping on the validation split;
-    restore the best epoch's weights and score the test split with them.
-
-    Args:
-        model: a registered model (``paperlib.models.build_model``), moved to ``config.device``.
-        data: the dataset (leave-one-out split).
-        config: loop settings; ``TrainConfig()`` if None.
-        checkpoint_dir: overrides ``config.checkpoint_dir``; ``last.pt`` is written after every
-            epoch and ``best.pt`` whenever validation improves.
-        resume: continue from ``checkpoint_dir/last.pt`` if it exists (exactly: same weights,
-            optimizer, shuffling and dropout as an uninterrupted run); start afresh otherwise.
-        progress: tqdm bar over each epoch's batches (also off when ``TQDM_DISABLE=1``).
-        optimizer: replaces the default Adam (its state is checkpointed too).
-
-    Raises:
-        TrainingDivergedError: the loss became NaN/inf; the message names the epoch and step, and
-            the checkpoints of the last good epoch are left untouched.
-    """
-    config = config or TrainConfig()
-    started = time.perf_counter()
-    _check_compatible(model, data)
-    name = model_name(model)
-    model_cfg = asdict(model.config)
-    device = resolve_device(config.device)
-    ckpt_dir = checkpoint_dir if checkpoint_dir is not None else config.checkpoint_dir
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
-    if ckpt_dir is not None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt_dir is None:
-        raise ValueError("resume=True needs a checkpoint_dir to resume from")
-
-    n_train = sum(1 for s in data.sequences if len(s) >= 4)  # >= 2 training items give a target
-    if n_train == 0:
-        raise ValueError(f"dataset {data.name!r}: no user has the 2 training items a training target needs")
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-
-    model.to(device)
-    if optimizer is None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    set_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)  # shuffling, on the CPU like the batches
-    state = _LoopState()
-
-    if resume:
-        last = ckpt_dir / LAST
-        if last.is_file():
-            state = _restore(last, model, optimizer, generator, name, model_cfg, config)
-            logger.info("%s: resumed from %s after epoch %d", name, last, state.epoch)
-        else:
-            logger.info("%s: no checkpoint at %s, training from scratch", name, last)
-
-    disabled = _progress_disabled(progress)
-    while state.epoch < config.epochs and not state.stopped_early:
-        epoch = state.epoch + 1
-        model.train()
-        t0 = time.perf_counter()
-        total, steps = 0.0, 0
-        batches = train_batches(data, config.batch_size, generator=generator)
-        with tqdm(batches, total=steps_per_epoch, desc=f"{name} epoch {epoch}", disable=disabled,
-                  leave=False, dynamic_ncols=True) as bar:
-            for batch in bar:
-                steps += 1
-                loss = model.loss(_to_device(batch, device))
-                value = loss.item()
-                if not math.isfinite(value):
-                    kept = (f"the checkpoints of epoch {state.epoch} are kept in {ckpt_dir}"
-                            if ckpt_dir is not None and state.epoch > 0 else "no checkpoint was written")
-                    raise TrainingDivergedError(
-                        f"{name}: training loss is {value} at epoch {epoch}, step {steps}; {kept}. "
-                        "Lower the learning rate or check the data."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += value
-                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-                if steps >= steps_per_epoch:
-                    break
-        _sync(device)
-        train_seconds = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        valid = evaluate(model, data, "valid", config.eval_batch_size, config.ks, device)
-        eval_seconds = time.perf_counter() - t1
-        metric = valid[config.valid_metric]
-        improved = metric >= state.best_metric  # RecBole: ties move the best to the later epoch
-        if improved:
-            state.best_epoch, state.best_metric, state.best_valid = epoch, metric, valid
-            state.best_state = _cpu_state(model)
-            state.bad_epochs = 0
-        else:
-            state.bad_epochs += 1
-            state.stopped_early = state.bad_epochs > config.patience
-        state.epoch = epoch
-        state.history.append({
-            "epoch": epoch,
-            "train_loss": total / steps,
-            "steps": steps,
-            "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds,
-            "seconds": train_seconds + eval_seconds,
-            "valid": valid,
-            "improved": improved,
-        })
-        k = config.valid_metric.partition("@")[2]
-        logger.info(
-            "%s epoch %d: loss %.4f | valid %s %.4f, hr@%s %.4f%s | %.1f s (train %.1f s)",
-            name, epoch, total / steps, config.valid_metric, metric, k, valid.get(f"hr@{k}", float("nan")),
-            " *" if improved else "", train_seconds + eval_seconds, train_seconds,
-        )
-        if ckpt_dir is not None:
-            _save(ckpt_dir, state, model, optimizer, generator, name, model_cfg, config, improved)
-        if state.stopped_early:
-            logger.info("%s: no better %s for %d epochs, stopping; best epoch %d (%.4f)",
-                        name, config.valid_metric, state.bad_epochs, state.best_epoch, state.best_metric)
-
-    if state.best_state is not None:
-        model.load_state_dict(state.best_state)
-    test = evaluate(model, data, "test", config.eval_batch_size, config.ks, device)
-    logger.info("%s: test %s", name, ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
-    return FitResult(
-        model_name=name,
-        model_config=model_cfg,
-        train_config=config.to_dict(),
-        history=state.history,
-        best_epoch=state.best_epoch,
-        best_valid=dict(state.best_valid),
-        test=test,
-        wall_seconds=time.perf_counter() - started,
-        stopped_early=state.stopped_early,
-        device=str(device),
-    )
+    """Train ``model`` on ``data`` with early stopping and score the test split with the best
+    weights: ``Trainer(...).fit(resume)`` (see :class:`Trainer` for the arguments)."""
+    trainer = Trainer(model, data, config, optimizer=optimizer, callbacks=callbacks,
+                      checkpoint_dir=checkpoint_dir, progress=progress)
+    return trainer.fit(resume=resume)
 
 
-def _save(ckpt_dir: Path, state: _LoopState, model: SequentialRecommender, optimizer: torch.optim.Optimizer,
-          generator: torch.Generator, name: str, model_cfg: dict[str, Any], config: TrainConfig,
-          improved: bool) -> None:
-    """Write ``best.pt`` (if improved) then ``last.pt``, both atomically, at the end of an epoch."""
-    common = {"format": CHECKPOINT_FORMAT, "model_name": name, "model_config": model_cfg}
-    if improved:
-        _atomic_save({**common, "model_state": state.best_state, "epoch": state.best_epoch,
-                      "valid": state.best_valid}, ckpt_dir / BEST)
-    _atomic_save({
-        **common,
-        "train_config": config.to_dict(),
-        "model_state": _cpu_state(model),
-        "optimizer_state": optimizer.state_dict(),
-        "rng": _rng_state(generator),
-        "epoch": state.epoch,
-        "history": state.history,
-        "best_epoch": state.best_epoch,
-        "best_metric": state.best_metric,
-        "best_valid": state.best_valid,
-        "best_state": state.best_state,
-        "bad_epochs": state.bad_epochs,
-        "stopped_early": state.stopped_early,
-    }, ckpt_dir / LAST)
-
-
-def _restore(path: Path, model: SequentialRecommender, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator, name: str, model_cfg: dict[str, Any], config: TrainConfig) -> _LoopState:
-    ckpt = _read(path)
-    if ckpt["model_name"] != name:
-        raise ValueError(f"{path} holds a {ckpt['model_name']!r} run; cannot resume it with a {name!r} model")
-    if ckpt["model_config"] != model_cfg:
-        diff = {k: (ckpt["model_config"].get(k), v) for k, v in model_cfg.items() if ckpt["model_config"].get(k) != v}
-        raise ValueError(f"{path}: model config differs from the checkpoint's (checkpoint, given): {diff}")
-    stored = ckpt.get("train_config", {})
-    changed = [k for k in ("batch_size", "lr", "weight_decay", "seed", "max_steps_per_epoch", "valid_metric")
-               if k in stored and stored[k] != getattr(config, k)]
-    if changed:
-        logger.warning("resuming %s with different %s: the run will not match an uninterrupted one", path, changed)
-    model.load_state_dict(ckpt["model_state"])
-    optimizer.load_state_dict(ckpt["optimizer_state"])
-    _set_rng_state(ckpt["rng"], generator)
-    return _LoopState(
-        epoch=ckpt["epoch"],
-        history=list(ckpt["history"]),
-        best_epoch=ckpt["best_epoch"],
-        best_metric=ckpt["best_metric"],
-        best_valid=dict(ckpt["best_valid"]),
-        best_state=ckpt["best_state"],
-        bad_epochs=ckpt["bad_epochs"],
-        stopped_early=ckpt["stopped_early"],
-    )
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 __all__ = [
+    "Callback",
+    "EarlyStopping",
     "FitResult",
     "TrainConfig",
+    "Trainer",
     "TrainingDivergedError",
     "evaluate",
     "fit",

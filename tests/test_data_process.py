@@ -22,6 +22,9 @@ from paperlib.data import (
     load_titles,
     pad_right,
     read_titles,
+    TrainLoader,
+    count_pairs,
+    recbole_pairs,
     to_sequential,
     train_batches,
 )
@@ -162,19 +165,71 @@ def test_pad_right_keeps_most_recent_items():
 
 def test_train_batches_targets_aligned_and_truncated():
     data = toy_data(max_len=3)
-    batches = list(train_batches(data, batch_size=8, shuffle=False))
+    batches = list(train_batches(data, batch_size=None, shuffle=False))
     assert len(batches) == 1
     b = batches[0]
     # user 2's training part [8] has no (input, target) pair and is skipped
-    # user 1: train part 1..5 -> inputs 1..4, targets 2..5, last 3 positions kept
-    assert b.items.tolist() == [[2, 3, 4], [3, 0, 0]]
-    assert b.targets.tolist() == [[3, 4, 5], [1, 0, 0]]
-    assert b.lengths.tolist() == [3, 1]
-    real = b.items != 0
-    assert torch.equal(real, b.targets != 0)  # a target at every real position, none at padding
+    # user 1: train part 1..5 -> targets 2..5; max_len 3: a first window of 3 targets (2, 3, 4),
+    # then a window over the last 3 items whose only new target is 5
+    assert b.items.tolist() == [[1, 2, 3], [2, 3, 4], [3, 0, 0]]
+    assert b.targets.tolist() == [[2, 3, 4], [3, 4, 5], [1, 0, 0]]
+    assert b.loss_mask.tolist() == [[True] * 3, [False, False, True], [True, False, False]]
+    assert b.lengths.tolist() == [3, 3, 1]
+    assert b.n_pairs == count_pairs(data) == 5
     g = torch.Generator().manual_seed(0)
-    shuffled = list(train_batches(data, batch_size=1, generator=g))
-    assert len(shuffled) == 2 and sorted(x.lengths.item() for x in shuffled) == [1, 3]
+    shuffled = list(train_batches(data, batch_size=3, generator=g))
+    assert sorted(x.n_pairs for x in shuffled) == [1, 1, 3]
+
+
+def window_pairs(data: SequentialData, stride: int | None = None) -> list[tuple[int, tuple[int, ...], int]]:
+    """The (user, history, target) pairs the training windows count, read off the batches."""
+    loader = TrainLoader(data, None, shuffle=False, stride=stride)
+    (batch,) = list(loader)
+    out = []
+    for row, w in enumerate(range(len(loader.windows))):
+        user = int(loader.windows.user[w])
+        for j in np.flatnonzero(batch.counted[row].numpy()):
+            out.append((user, tuple(batch.items[row, : j + 1].tolist()), int(batch.targets[row, j])))
+    return out
+
+
+def test_windows_hold_every_recbole_pair_once():
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(1, 30, size=n) for n in (3, 4, 5, 9, 12, 17, 30)]
+    data = SequentialData("toy", seqs, n_items=30, max_len=5)
+    recbole = recbole_pairs(data)
+    assert len(recbole) == count_pairs(data) == sum(len(s) - 3 for s in seqs)
+    # stride 1: every target sees its full max_len history, i.e. exactly RecBole's augmentation
+    assert sorted(window_pairs(data, stride=1)) == sorted(recbole)
+    for stride in (None, 2, 4):
+        # the same targets in the same order, each exactly once; each history a suffix of RecBole's,
+        # of at least max_len - stride + 1 items (the whole history while it fits the first window)
+        pairs = window_pairs(data, stride=stride)
+        assert [(u, t) for u, _, t in pairs] == [(u, t) for u, _, t in recbole]
+        least = 5 - (stride or 5) + 1
+        for (_, full, _), (_, hist, _) in zip(recbole, pairs):
+            assert full[len(full) - len(hist):] == hist and len(hist) >= min(len(full), least)
+
+
+def test_train_loader_batch_size_counts_pairs_and_can_change():
+    rng = np.random.default_rng(0)
+    data = SequentialData("toy", [rng.integers(1, 20, size=n) for n in rng.integers(4, 40, size=50)],
+                          n_items=20, max_len=8)
+    loader = TrainLoader(data, 16, generator=torch.Generator().manual_seed(0))
+    sizes = []
+    for i, batch in enumerate(loader):
+        sizes.append(batch.n_pairs)
+        assert batch.n_pairs <= loader.batch_size
+        if i == 3:
+            loader.batch_size = 40  # taken for the very next batch, the epoch goes on
+    assert sum(sizes) == count_pairs(data)
+    assert max(sizes[:4]) <= 16 and max(sizes[4:]) > 16
+    with pytest.raises(DataError, match="smaller than the 8 targets of one training window"):
+        TrainLoader(data, 7)
+    with pytest.raises(DataError, match="larger than an epoch"):
+        TrainLoader(data, count_pairs(data) + 1)
+    with pytest.raises(DataError, match="stride must lie in 1..max_len=8"):
+        TrainLoader(data, 16, stride=9)
 
 
 def test_eval_batches():
@@ -266,6 +321,9 @@ def test_verified_counts_on_shared_data(monkeypatch, name):
             [(folder / "datamaps.json.gz", None), (folder / "Amazon_Beauty.item.gz", None)],
         )
         assert joined == load_titles(name)  # the download's title join equals the derived tsv
+    if name == "ml-1m":
+        # RecBole's prefix augmentation of ML-1M: 981,491 training pairs, all held by the windows
+        assert count_pairs(data) == TrainLoader(data, 2048).n_pairs == 981_491
     if name == "ml-100k":
         # chronological per user, stable: user 196 (first line of u.data) against a pandas sort
         ref = pd.read_csv(SHARED / name / "u.data", sep="\t", header=None, names=["u", "i", "r", "t"])

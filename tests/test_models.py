@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paperlib.data.sequences import SequentialData, TrainBatch, train_batches
+from paperlib.data.sequences import SequentialData, TrainBatch, TrainLoader, count_pairs, train_batches
 from paperlib.models import MODELS, ModelRegistry, build_model, config_from_dict, model_name
 from paperlib.models.bert4rec import BERT4Rec
 from paperlib.models.gru4rec import GRU4Rec
@@ -183,36 +183,73 @@ def _tiny_data(n_users: int = 12, max_len: int = MAX_LEN) -> SequentialData:
 def test_bert4rec_rebuilds_the_training_window():
     data = _tiny_data()
     model = tiny("bert4rec")
-    batch = next(train_batches(data, batch_size=100, shuffle=False))
-    seqs, lengths = model.full_sequences(batch)
-    for row, s in enumerate(data.train_sequences()):
-        expected = s[-MAX_LEN:].tolist()  # the training part, last max_len items
+    loader = TrainLoader(data, None, shuffle=False)
+    (batch,) = list(loader)
+    seqs, lengths, predictable = model.full_sequences(batch)
+    w = loader.windows
+    for row in range(len(w)):
+        s = data.sequences[w.user[row]]
+        expected = s[w.start[row] : w.stop[row] + 1][-MAX_LEN:].tolist()  # the window, last max_len items
         assert lengths[row] == len(expected)
         assert seqs[row, : len(expected)].tolist() == expected
         assert (seqs[row, len(expected) :] == 0).all()
+        # predictable: exactly the window's counted targets, never its first item
+        counted = batch.counted[row, : w.stop[row] - w.start[row]].tolist()
+        assert predictable[row, : len(expected)].tolist() == ([False] + counted)[-len(expected):]
+    # every training item after a user's first is predictable exactly once per epoch
+    assert int(predictable.sum()) == count_pairs(data)
 
 
-def test_bert4rec_masks_real_positions_at_least_once():
-    model = tiny("bert4rec", mask_ratio=0.0)  # only the forced position is masked
-    seqs, lengths = batch_of([[1, 2, 3], [4, 5, 6, 7, 8], [9]], width=6)
+def test_bert4rec_masks_predictable_positions_only():
+    model = tiny("bert4rec", mask_ratio=0.0, ft_ratio=0.0)  # only the forced position is masked
+    seqs, lengths = batch_of([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]], width=6)
+    predictable = seqs > 0
+    predictable[:, 0] = False
+    predictable[1, 1] = False
     torch.manual_seed(1)
-    masked = model.mask_positions(seqs, lengths)
-    assert masked.sum(dim=1).tolist() == [1, 1, 1]
-    assert not (masked & (seqs == 0)).any()
+    masked, same = model.mask_positions(seqs, lengths, predictable)
+    assert masked.sum(dim=1).tolist() == [1, 1, 1] and torch.equal(same, lengths)
+    assert not (masked & ~predictable).any()
     model.config.mask_ratio = 0.5
-    masked = model.mask_positions(seqs, lengths)
-    assert not (masked & (seqs == 0)).any() and masked.any(dim=1).all()
-    model.config.ft_ratio = 1.0  # fine-tuning batches mask the last item only
-    masked = model.mask_positions(seqs, lengths)
-    assert masked.nonzero().tolist() == [[0, 2], [1, 4], [2, 0]]
+    for _ in range(20):
+        masked, _ = model.mask_positions(seqs, lengths, predictable)
+        assert not (masked & ~predictable).any() and masked.any(dim=1).all()
+    # RecBole's mask_item_length: at most int(mask_ratio * max_len) predictions, the most recent
+    model.config.mask_ratio = 0.99
+    long_seq, long_len = batch_of([list(range(1, 9))])
+    masked, _ = model.mask_positions(long_seq, long_len, long_seq > 0)
+    assert masked.tolist() == [[False] + [True] * 7]  # int(0.99 * 8) = 7
+    model.config.ft_ratio = 1.0  # fine-tuning batches: cut at a predictable item, mask only it
+    for _ in range(20):
+        masked, cut = model.mask_positions(seqs, lengths, predictable)
+        assert masked.sum(dim=1).tolist() == [1, 1, 1] and not (masked & ~predictable).any()
+        assert masked.nonzero()[:, 1].tolist() == (cut - 1).tolist()
+
+
+def test_bert4rec_fine_tuning_batch_is_next_item_prediction(monkeypatch):
+    model = tiny("bert4rec", ft_ratio=1.0)
+    model.eval()  # no dropout: the loss is a deterministic function of the masked input
+    items, lengths = batch_of([[1, 2, 3, 4]])
+    targets, _ = batch_of([[2, 3, 4, 5]])
+    torch.manual_seed(0)
+    loss = model.loss(TrainBatch(items=items, targets=targets, lengths=lengths))
+    # the cut c was drawn from torch's RNG; one of the four next-item losses must match
+    candidates = []
+    for c in range(1, 5):
+        seq = torch.tensor([[1, 2, 3, 4, 5][: c + 1]])
+        seq[0, c] = model.mask_token
+        h = model(seq)[0, c]
+        logits = h @ model.output_embedding().t() + model.output_bias
+        candidates.append(F.cross_entropy(logits[None], torch.tensor([c + 1])).item())
+    assert min(abs(loss.item() - v) for v in candidates) < 1e-5
 
 
 def test_bert4rec_loss_is_ce_on_masked_positions(monkeypatch):
     model = tiny("bert4rec")
     items, lengths = batch_of([[1, 2, 3], [4, 5]])
     targets, _ = batch_of([[2, 3, 10], [5, 6]], width=3)
-    fixed = torch.tensor([[False, True, False, True], [True, False, False, False]])
-    monkeypatch.setattr(model, "mask_positions", lambda seqs, lengths: fixed)
+    fixed = torch.tensor([[False, True, False, True], [False, True, False, False]])
+    monkeypatch.setattr(model, "mask_positions", lambda seqs, lengths, predictable: (fixed, lengths))
     loss = model.loss(TrainBatch(items=items, targets=targets, lengths=lengths))
     seqs = torch.tensor([[1, 2, 3, 10], [4, 5, 6, 0]])
     hidden = model(seqs.masked_fill(fixed, model.mask_token))[fixed]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import paperlib.train as train_mod
-from paperlib.data.sequences import SequentialData, train_batches
+from paperlib.data.sequences import SequentialData, count_pairs, train_batches
 from paperlib.metrics import METRIC_NAMES
 from paperlib.models import build_model
 from paperlib.models.base import ModelConfig, SequentialRecommender
@@ -61,7 +61,7 @@ def fixed_loss(model: SequentialRecommender, data: SequentialData) -> float:
     model.eval()
     torch.manual_seed(7)
     with torch.no_grad():
-        return model.loss(next(train_batches(data, batch_size=10_000, shuffle=False))).item()
+        return model.loss(next(train_batches(data, batch_size=None, shuffle=False))).item()
 
 
 # --------------------------------------------------------------------------- learning
@@ -70,11 +70,14 @@ def test_one_epoch_lowers_the_loss(name):
     data = cycle_data()
     model = tiny(name)
     before = fixed_loss(model, data)
-    result = fit(model, data, quick(epochs=1, batch_size=16, lr=1e-2), progress=False)
+    result = fit(model, data, quick(epochs=1, batch_size=24, lr=1e-2), progress=False)
     after = fixed_loss(model, data)
     assert after < before - 0.1, (before, after)
     (epoch,) = result.history
-    assert epoch["epoch"] == 1 and epoch["steps"] == 6 and math.isfinite(epoch["train_loss"])
+    assert epoch["epoch"] == 1 and math.isfinite(epoch["train_loss"])
+    # every RecBole pair once, in batches of at most 24 pairs (whole windows)
+    assert epoch["pairs"] == count_pairs(data) == result.pairs_per_epoch
+    assert math.ceil(count_pairs(data) / 24) <= epoch["steps"] <= math.ceil(count_pairs(data) / (24 - MAX_LEN))
     assert set(result.test) == {f"{m}@{k}" for m in METRIC_NAMES for k in (5, 10, 20)}
     assert result.best_epoch == 1 and result.model_name == name and result.device == "cpu"
 
@@ -174,8 +177,8 @@ def test_checkpoints_are_weights_only_and_reload(tmp_path):
     result = fit(model, data, quick(epochs=2), checkpoint_dir=tmp_path, progress=False)
     assert {p.name for p in tmp_path.iterdir()} == {"last.pt", "best.pt"}
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    for key in ("model_state", "optimizer_state", "rng", "epoch", "history", "best_state", "best_metric",
-                "model_config", "model_name", "train_config"):
+    for key in ("model_state", "optimizer_state", "rng", "epoch", "history", "best_state", "stopping",
+                "model_config", "model_name", "train_config", "callbacks", "examples", "batch_size"):
         assert key in last, key
     assert last["model_name"] == "gru4rec" and last["model_config"]["gru_hidden_size"] == 16
     best = torch.load(tmp_path / "best.pt", weights_only=True)
@@ -200,7 +203,7 @@ def test_resume_refuses_another_model(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    data = cycle_data()  # 96 users, batch 32: 3 steps per epoch
+    data = cycle_data()  # 96 users, 653 pairs, batch 320 pairs: 3 steps per epoch
     model = tiny("sasrec")
     original, calls = model.loss, {"n": 0}
 
@@ -211,7 +214,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
     monkeypatch.setattr(model, "loss", loss)
     with pytest.raises(TrainingDivergedError, match=r"nan at epoch 2, step 2.*epoch 1 are kept"):
-        fit(model, data, quick(epochs=3), checkpoint_dir=tmp_path, progress=False)
+        fit(model, data, quick(epochs=3, batch_size=320), checkpoint_dir=tmp_path, progress=False)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and len(last["history"]) == 1
     assert all(torch.isfinite(v).all() for v in last["model_state"].values() if v.is_floating_point())
@@ -257,7 +260,7 @@ def test_one_log_line_per_epoch_and_step_cap(caplog):
 
 
 def test_train_config_validation():
-    assert TrainConfig().batch_size == 2048 and TrainConfig().eval_batch_size == 4096
+    assert TrainConfig().batch_size == 2048 and TrainConfig().eval_batch_size == 4096  # RecBole's, in pairs
     assert TrainConfig().lr == 1e-3 and TrainConfig().patience == 10 and TrainConfig().seed == 2020
     for bad in ({"epochs": 0}, {"batch_size": 1.5}, {"lr": 0}, {"valid_metric": "ndcg@50"},
                 {"valid_metric": "auc@10"}, {"device": "tpu"}, {"max_steps_per_epoch": 0}, {"patience": -1}, {"seed": "1"}):
@@ -275,8 +278,10 @@ def test_fit_refuses_a_model_for_another_catalogue():
 
 def test_progress_bar_switches(monkeypatch, capsys):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    assert not train_mod._progress_disabled(True) and train_mod._progress_disabled(False)
+    from paperlib.runtime import progress_enabled
+
+    assert progress_enabled(True) and not progress_enabled(False)
     fit(tiny("gru4rec"), cycle_data(n_users=16), quick(), progress=True)
     assert "gru4rec epoch 1" in capsys.readouterr().err
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    assert train_mod._progress_disabled(True)
+    assert not progress_enabled(True)

@@ -4,7 +4,7 @@ Typical use::
 
     from paperlib.data import load_dataset, train_batches
     data = load_dataset("ml-1m")            # 5-core, max_len 200, titles attached
-    for batch in train_batches(data, 256):  # right-padded all-position batches
+    for batch in train_batches(data, 2048):  # windows, about 2,048 (prefix, target) pairs a batch
         ...
 
 Files are looked up in ``$PAPERLIB_DATA/<dataset>/``, then ``$PAPERLIB_CACHE/<dataset>/``, then
@@ -28,9 +28,14 @@ from .sequences import (
     EvalBatch,
     SequentialData,
     TrainBatch,
+    TrainLoader,
+    Windows,
+    count_pairs,
     eval_batches,
     pad_right,
+    recbole_pairs,
     train_batches,
+    training_windows,
 )
 
 __all__ = [
@@ -47,6 +52,11 @@ __all__ = [
     "SequentialData",
     "TitleSource",
     "TrainBatch",
+    "TrainLoader",
+    "Windows",
+    "count_pairs",
+    "recbole_pairs",
+    "training_windows",
     "dataset_stats",
     "download_dataset",
     "eval_batches",

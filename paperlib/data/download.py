@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm  # the plain bar: tqdm.auto warns without ipywidgets in notebooks
 
 from .. import paths
+from ..runtime import atomic_write, progress_enabled
 from .registry import DATASETS, DatasetSpec, Download, FileSpec, Layout, TitleSource
 from .sequences import DataError
 
@@ -130,10 +130,6 @@ def download_allowed(download: bool | None = None) -> bool:
     return os.environ.get("PAPERLIB_OFFLINE", "").strip().lower() not in {"1", "true", "yes", "on"}
 
 
-def _tqdm_disabled() -> bool:
-    return os.environ.get("TQDM_DISABLE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def missing_message(spec: DatasetSpec, reason: str) -> str:
     """The error text when no files are found: what to put where, and where to get it."""
     data = paths.data_dir()
@@ -146,7 +142,6 @@ def missing_message(spec: DatasetSpec, reason: str) -> str:
         "The automatic download (checksum-verified, into the cache folder) fetches:",
         *(f"  - {d.url}  [{'sha256' if d.sha256 else 'md5'} {d.sha256 or d.md5}]" for d in spec.downloads),
         "Official source: " + ", ".join(spec.official_urls),
-        "Offline copies for development: set PAPERLIB_DATA to the workplace's shared/data folder.",
     ]
     return "\n".join(lines)
 
@@ -173,37 +168,33 @@ def fetch(item: Download, folder: Path, timeout: float = TIMEOUT_S) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     algo, expected = ("sha256", item.sha256) if item.sha256 else ("md5", item.md5)
     digest = hashlib.new(algo)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{item.filename}.", suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
+    final = folder / item.filename
     try:
-        with os.fdopen(fd, "wb") as out:
+        # the bytes go to a hidden temporary file, renamed to ``final`` only if the checksum matches
+        with atomic_write(final, "wb") as out:
             request = urllib.request.Request(item.url, headers={"User-Agent": "paperlib (ssm4rec companion)"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 with tqdm(
-                    total=total, unit="B", unit_scale=True, desc=item.filename, disable=_tqdm_disabled(), leave=False
+                    total=total, unit="B", unit_scale=True, desc=item.filename, disable=not progress_enabled(),
+                    leave=False,
                 ) as bar:
                     while chunk := response.read(1 << 20):
                         out.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
+            actual = digest.hexdigest()
+            if actual != expected:
+                raise DataError(
+                    f"checksum mismatch for {item.url}: expected {algo} {expected}, got {actual}. The download "
+                    f"was deleted. Retry; if it persists the file at the source changed: get the original by "
+                    f"hand and put it in {folder}/."
+                )
     except (urllib.error.URLError, OSError, ValueError) as err:  # URLError/HTTPError/timeouts are OSErrors
-        tmp.unlink(missing_ok=True)
+        if isinstance(err, DataError):
+            raise
         reason = getattr(err, "reason", err)
         raise DownloadError(f"could not download {item.url}: {reason}") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    actual = digest.hexdigest()
-    if actual != expected:
-        tmp.unlink(missing_ok=True)
-        raise DataError(
-            f"checksum mismatch for {item.url}: expected {algo} {expected}, got {actual}. The download was "
-            f"deleted. Retry; if it persists the file at the source changed: get the original by hand and "
-            f"put it in {folder}/."
-        )
-    final = folder / item.filename
-    os.replace(tmp, final)
     return final
 
 

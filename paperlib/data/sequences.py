@@ -8,11 +8,15 @@ Conventions (RecBole, as Mamba4Rec uses):
 * histories longer than ``max_len`` keep their most recent ``max_len`` items (documented
   truncation, as RecBole's ``MAX_ITEM_LIST_LENGTH``);
 * batches are right-padded with ``0`` (RecBole's layout): a causal model's output at a real position
-  never sees padding, and the last real position is ``lengths - 1``.
+  never sees padding, and the last real position is ``lengths - 1``;
+* training covers RecBole's one-example-per-prefix augmentation (981,491 pairs on ML-1M) exactly
+  once per epoch, through windows over each user's training part that a causal model trains on at
+  every position at once (:class:`Windows`), in batches that count pairs as RecBole does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -109,31 +113,198 @@ def pad_right(seqs: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch
 
 @dataclass
 class TrainBatch:
-    """All-position training batch: ``targets[b, t]`` is the item after ``items[b, t]`` (0 = pad)."""
+    """All-position training batch: ``targets[b, t]`` is the item after ``items[b, t]`` (0 = pad).
+
+    ``loss_mask`` (B, L) marks the targets this batch counts; None counts every real target. A
+    window over a long history repeats items of the previous window as context (``window_stride``
+    below ``max_len``); their targets were counted there and are masked here.
+    """
 
     items: torch.Tensor  # (B, L) input item ids, right-padded
     targets: torch.Tensor  # (B, L) next item ids, 0 where there is no target
     lengths: torch.Tensor  # (B,)
+    loss_mask: torch.Tensor | None = None  # (B, L) bool, True = a counted target
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """(B, L) bool: the targets this batch trains on."""
+        real = self.targets > 0
+        return real if self.loss_mask is None else real & self.loss_mask
+
+    @property
+    def n_pairs(self) -> int:
+        """(prefix, target) pairs in the batch, as RecBole counts its ``train_batch_size``."""
+        return int(self.counted.sum())
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TrainBatch(move(self.items), move(self.targets), move(self.lengths), move(self.loss_mask))
+
+
+def recbole_pairs(data: SequentialData) -> list[tuple[int, tuple[int, ...], int]]:
+    """RecBole's training augmentation, written out: for every user and every position t >= 1 of
+    the user's training part s, the pair (history s[max(0, t - max_len):t], target s[t]).
+
+    Returns ``(user row, history, target)`` tuples. Meant for tests and small data: it holds every
+    history explicitly (on ML-1M that is 981,491 pairs).
+    """
+    out = []
+    for u, s in enumerate(data.train_sequences()):
+        for t in range(1, len(s)):
+            out.append((u, tuple(int(x) for x in s[max(0, t - data.max_len) : t]), int(s[t])))
+    return out
+
+
+def count_pairs(data: SequentialData) -> int:
+    """Number of RecBole (prefix, target) training pairs: one per training item after the first."""
+    return int(sum(max(len(s) - 3, 0) for s in data.sequences))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Training windows that together hold every RecBole (prefix, target) pair exactly once.
+
+    A user's training part ``s`` (n items) has targets ``s[1..n-1]``. Window w feeds the items
+    ``s[start:stop]`` (at most ``max_len`` of them) to the model; position j predicts
+    ``s[start + j + 1]``. The first window of a user starts at 0 and counts every target it holds,
+    each with its whole history, exactly as RecBole's prefixes. Each further window ends ``stride``
+    targets later and is ``max_len`` items long: it counts only its last ``stride`` targets (the
+    earlier positions are context already counted), so each of them sees at least
+    ``max_len - stride + 1`` items of history. ``stride = max_len`` gives non-overlapping windows
+    (every item fed about once); ``stride = 1`` gives every target its full ``max_len`` history,
+    i.e. RecBole's pairs exactly, at RecBole's cost.
+
+    Arrays, one entry per window: ``user`` (row in ``data.sequences``), ``start``, ``stop`` and
+    ``first_new`` (position of the first counted target within the window).
+    """
+
+    user: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    first_new: np.ndarray
+    stride: int
+
+    @property
+    def n_targets(self) -> np.ndarray:
+        """(W,) counted targets per window."""
+        return self.stop - self.start - self.first_new
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def training_windows(data: SequentialData, stride: int | None = None) -> Windows:
+    """The windows of ``data``'s training parts (see :class:`Windows`); ``stride`` defaults to
+    ``data.max_len``."""
+    size = data.max_len
+    stride = size if stride is None else stride
+    if not 1 <= stride <= size:
+        raise DataError(f"window stride must lie in 1..max_len={size}, got {stride}")
+    user, start, stop, first = [], [], [], []
+    for u, seq in enumerate(data.sequences):
+        n = len(seq) - 2  # training part
+        if n < 2:
+            continue  # a single training item gives no (prefix, target) pair
+        end = min(n - 1, size)  # the first window: inputs s[0:end], targets s[1:end + 1]
+        user.append(u), start.append(0), stop.append(end), first.append(0)
+        while end < n - 1:
+            new_end = min(end + stride, n - 1)
+            user.append(u), start.append(new_end - size), stop.append(new_end), first.append(size - (new_end - end))
+            end = new_end
+    as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return Windows(as_array(user), as_array(start), as_array(stop), as_array(first), stride)
+
+
+class TrainLoader:
+    """One epoch of all-position batches over the windows of ``data``, in a shuffled order.
+
+    ``batch_size`` counts (prefix, target) pairs, as RecBole's ``train_batch_size`` does: windows
+    are taken in order until the next one would push the batch over ``batch_size`` targets, so an
+    epoch has about ``count_pairs / batch_size`` steps (RecBole's update count; a window is never
+    split). ``batch_size`` may be changed between steps (an adaptive batch-size policy sets it);
+    the next batch is formed with the new value, without restarting the epoch.
+
+    Args:
+        data: the dataset.
+        batch_size: target pairs per batch; None puts the whole epoch in one batch.
+        generator: shuffles the windows (the trainer checkpoints its state for exact resume).
+        shuffle: False keeps the windows in user order.
+        stride: see :class:`Windows` (default ``max_len``).
+    """
+
+    def __init__(self, data: SequentialData, batch_size: int | None, generator: torch.Generator | None = None,
+                 shuffle: bool = True, stride: int | None = None) -> None:
+        self.data = data
+        self.windows = training_windows(data, stride)
+        if len(self.windows) == 0:
+            raise DataError(f"dataset {data.name!r}: no user has the 2 training items a training target needs")
+        self.n_pairs = int(self.windows.n_targets.sum())
+        self.generator = generator
+        self.shuffle = shuffle
+        self.batch_size = self.n_pairs if batch_size is None else batch_size
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        most = int(self.windows.n_targets.max())
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DataError(f"batch_size must be an integer number of (prefix, target) pairs, got {value!r}")
+        if value < most:
+            raise DataError(
+                f"batch_size {value} is smaller than the {most} targets of one training window of "
+                f"{self.data.name!r} (a window is never split): use at least {most} pairs"
+            )
+        if value > self.n_pairs:
+            raise DataError(
+                f"batch_size {value} is larger than an epoch of {self.data.name!r} ({self.n_pairs:,} "
+                f"pairs): use at most {self.n_pairs}"
+            )
+        self._batch_size = int(value)
+
+    def steps_estimate(self) -> int:
+        """Steps in an epoch at the current batch size (exact up to the packing of whole windows)."""
+        return math.ceil(self.n_pairs / self.batch_size)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        w = self.windows
+        n = len(w)
+        order = torch.randperm(n, generator=self.generator).numpy() if self.shuffle else np.arange(n)
+        counts = w.n_targets
+        pos = 0
+        while pos < n:
+            stop, total = pos, 0
+            while stop < n and total + counts[order[stop]] <= self.batch_size:
+                total += counts[order[stop]]
+                stop += 1
+            yield self._batch(order[pos:stop])
+            pos = stop
+
+    def _batch(self, idx: np.ndarray) -> TrainBatch:
+        w, seqs = self.windows, self.data.sequences
+        lengths = w.stop[idx] - w.start[idx]
+        width = int(lengths.max())
+        items = np.zeros((len(idx), width), dtype=np.int64)
+        targets = np.zeros_like(items)
+        mask = np.zeros(items.shape, dtype=bool)
+        for row, i in enumerate(idx):
+            s, a, b = seqs[w.user[i]], w.start[i], w.stop[i]
+            items[row, : b - a] = s[a:b]
+            targets[row, : b - a] = s[a + 1 : b + 1]
+            mask[row, w.first_new[i] : b - a] = True
+        return TrainBatch(torch.from_numpy(items), torch.from_numpy(targets), torch.from_numpy(lengths),
+                          torch.from_numpy(mask))
 
 
 def train_batches(
-    data: SequentialData, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True
+    data: SequentialData, batch_size: int | None, generator: torch.Generator | None = None, shuffle: bool = True,
+    stride: int | None = None,
 ) -> Iterator[TrainBatch]:
-    """Yield all-position training batches over the training part of every user.
-
-    Each user's training part ``s[:-2]`` of length n gives inputs ``s[:n-1]`` and targets
-    ``s[1:n]``: the same (prefix, next item) pairs as RecBole's prefix augmentation, truncated to
-    the last ``max_len`` positions.
-    """
-    seqs = [s for s in data.train_sequences() if len(s) >= 2]
-    order = torch.randperm(len(seqs), generator=generator).tolist() if shuffle else range(len(seqs))
-    order = list(order)
-    for start in range(0, len(order), batch_size):
-        chunk = [seqs[i] for i in order[start : start + batch_size]]
-        # one window of max_len + 1 items gives max_len (input, target) pairs
-        items, lengths = pad_right([s[:-1] for s in chunk], data.max_len)
-        targets, _ = pad_right([s[1:] for s in chunk], data.max_len)
-        yield TrainBatch(items=items, targets=targets, lengths=lengths)
+    """One epoch of training batches of about ``batch_size`` (prefix, target) pairs each (see
+    :class:`TrainLoader`); every RecBole training pair is counted exactly once per epoch."""
+    return iter(TrainLoader(data, batch_size, generator=generator, shuffle=shuffle, stride=stride))
 
 
 @dataclass

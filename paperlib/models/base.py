@@ -60,9 +60,10 @@ class SequentialRecommender(nn.Module):
             )
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
-        """All-position full-softmax CE: every real position predicts the next item."""
+        """All-position full-softmax CE: every counted position predicts the next item (the mean
+        over the batch's pairs, as RecBole's mean over its batch of prefixes)."""
         hidden = self(batch.items)  # (B, L, D)
-        mask = batch.targets > 0
+        mask = batch.counted
         return chunked_cross_entropy(hidden[mask], self.output_embedding(), batch.targets[mask])
 
     def last_hidden(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

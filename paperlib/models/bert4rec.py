@@ -5,9 +5,28 @@ Follows RecBole's ``BERT4Rec``: item embedding (n_items + 2 rows: padding 0, ite
 layers with a padding mask and no causal mask (SASRec's encoder) → output head Dense → GELU →
 LayerNorm → dot product with the item embeddings of rows 0..n_items plus a per-item output bias.
 
-Training masks about ``mask_ratio`` of the real positions of each user's training sequence with
-[MASK] and predicts the original items there (full-softmax CE, padding row in the softmax as in
-RecBole). At test time a [MASK] is appended after the history and its output scores the next item.
+Training masks about ``mask_ratio`` of the positions of each training window with [MASK] and
+predicts the original items there (full-softmax CE, padding row in the softmax as in RecBole); with
+probability ``ft_ratio`` a batch instead cuts each window at a random target and masks only that
+last item. At test time a [MASK] is appended after the history and its output scores the next item.
+
+How this compares with RecBole 1.2's BERT4Rec (read from its code):
+
+* RecBole feeds BERT4Rec its one-example-per-prefix augmentation: every prefix of every user is a
+  sequence of its own, masked afresh, so an ML-1M epoch pushes 981,491 sequences (about 480 batches
+  of 2,048) through the encoder and each item is masked and predicted in many of them. Here an epoch
+  is the training windows (about 8,500 on ML-1M, each item a target once), cut into batches of
+  2,048 target pairs, so the update count per epoch is RecBole's but each update holds about 18
+  windows instead of 2,048 prefixes: far fewer masked predictions per epoch, at a fraction of the
+  cost (RecBole's BERT4Rec epoch is the slowest of the four models on a GPU).
+* ``ft_ratio`` is in effect 0.5 in RecBole (see :class:`BERT4RecConfig`): half of the batches are
+  next-item prediction. Leaving it at 0 trains only on random interior masks, a task unlike the
+  test one (a [MASK] after the last item, with nothing to its right).
+* RecBole predicts at most ``int(mask_ratio * max_len)`` masked positions per sequence (the most
+  recent) and never the one at index 0 (its ``masked_index > 0`` test); windows here never
+  predict their first item either, since it is the previous window's target or a user's first item.
+* At test time RecBole drops the first column of every padded history before appending [MASK],
+  which loses the oldest item of short histories too; here a short history keeps all its items.
 """
 
 from __future__ import annotations
@@ -27,10 +46,11 @@ from paperlib.models.sasrec import TransformerEncoder, check_transformer_config
 class BERT4RecConfig(ModelConfig):
     """RecBole's BERT4Rec defaults (``BERT4Rec.yaml``).
 
-    ``ft_ratio``: probability that a training batch masks only the last item of every sequence
-    (RecBole's "fine-tuning samples"). RecBole's yaml says 0.5, but its transform reads the value
-    through ``hasattr(config, "ft_ratio")``, which is False for its Config object, so RecBole in
-    effect trains with 0; that is the default here.
+    ``ft_ratio``: probability that a training batch is a "fine-tuning" batch that masks only the
+    last item of every sequence (RecBole's ``MaskItemSequence``). RecBole 1.2's ``BERT4Rec.yaml``
+    sets 0.5 and its transform reads it with ``hasattr(config, "ft_ratio")``, which is True for
+    RecBole's ``Config`` (its ``__getattr__`` serves every key of the final config), so RecBole
+    trains with 0.5: half of its batches are the next-item task of test time. 0.5 here too.
     """
 
     hidden_size: int = 64
@@ -42,7 +62,7 @@ class BERT4RecConfig(ModelConfig):
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     mask_ratio: float = 0.2
-    ft_ratio: float = 0.0
+    ft_ratio: float = 0.5
 
 
 class BERT4Rec(SequentialRecommender):
@@ -106,53 +126,80 @@ class BERT4Rec(SequentialRecommender):
         return torch.cat([self.output_embedding(), self.output_bias[:, None]], dim=1)
 
     # ------------------------------------------------------------------ training
-    def full_sequences(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rebuild each user's training window from an all-position batch.
+    def full_sequences(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rebuild each training window from an all-position batch.
 
         ``items[b, 0]`` followed by ``targets[b, :lengths[b]]`` is the window of the training
         sequence the batch was cut from; keep its last ``max_len`` items.
 
         Returns:
-            seqs (B, L') right-padded, L' <= max_len; lengths (B,).
+            seqs (B, L') right-padded, L' <= max_len; lengths (B,); predictable (B, L') bool: the
+            positions holding a target the batch counts (``batch.counted``), the only ones this
+            batch may mask and predict, so that every training item is a target once per epoch.
         """
         items, targets, lengths = batch.items, batch.targets, batch.lengths
         seqs = torch.cat([items[:, :1], targets], dim=1)  # (B, L + 1)
+        counted = batch.counted
+        predictable = torch.cat([torch.zeros_like(counted[:, :1]), counted], dim=1)
         full_len = lengths + 1
         long = full_len > self.config.max_len  # drop the oldest item of windows one too long
         if bool(long.any()):
             seqs[long, :-1] = targets[long]
             seqs[long, -1] = 0
+            predictable[long, :-1] = counted[long]
+            predictable[long, -1] = False
             full_len = full_len.clamp(max=self.config.max_len)
-        return seqs[:, : int(full_len.max())], full_len
+        width = int(full_len.max())
+        return seqs[:, :width], full_len, predictable[:, :width]
 
-    def mask_positions(self, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Boolean (B, L) mask of the positions to predict: each real position with probability
-        ``mask_ratio`` (at least one per sequence), or with probability ``ft_ratio`` per batch
-        only the last item. Draws from torch's global RNG (seeded by the training loop)."""
+    def mask_positions(self, seqs: torch.Tensor, lengths: torch.Tensor,
+                       predictable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the positions to mask, as RecBole's ``MaskItemSequence`` does.
+
+        With probability ``ft_ratio`` per batch (a "fine-tuning" batch), each sequence is cut after
+        a random predictable position, which alone is masked: the next-item task of test time.
+        Otherwise each predictable position is masked with probability ``mask_ratio`` (at least one
+        per sequence), and at most ``int(mask_ratio * max_len)`` of them, the most recent, are
+        predicted (RecBole's ``mask_item_length``). Draws from torch's global RNG.
+
+        Returns:
+            masked (B, L) bool and ``lengths`` (B,), shortened in a fine-tuning batch (the
+            positions after the cut must then be set to padding by the caller).
+        """
         b, length = seqs.shape
         rows = torch.arange(b, device=seqs.device)
+        if predictable is None:
+            predictable = seqs > 0
         if self.config.ft_ratio > 0 and float(torch.rand(())) < self.config.ft_ratio:
+            # a uniformly drawn predictable position per row: the cut
+            weights = predictable.float() + 1e-12 * (seqs > 0).float()  # rows without one: any real item
+            cut = torch.multinomial(weights, 1, generator=None).squeeze(1)
             masked = torch.zeros_like(seqs, dtype=torch.bool)
-            masked[rows, lengths - 1] = True
-            return masked
-        real = seqs > 0
-        masked = (torch.rand(seqs.shape, device=seqs.device) < self.config.mask_ratio) & real
-        # a sequence without a masked position would teach nothing: mask one of its items
-        pick = (torch.rand(b, device=seqs.device) * lengths).long().clamp(max=length - 1)
-        none = ~masked.any(dim=1)
-        masked[rows[none], pick[none]] = True
-        return masked
+            masked[rows, cut] = True
+            return masked, cut + 1
+        masked = (torch.rand(seqs.shape, device=seqs.device) < self.config.mask_ratio) & predictable
+        # a sequence without a masked position would teach nothing: mask one of its predictable items
+        none = ~masked.any(dim=1) & predictable.any(dim=1)
+        if bool(none.any()):
+            pick = torch.multinomial(predictable[none].float(), 1).squeeze(1)
+            masked[rows[none], pick] = True
+        cap = max(1, int(self.config.mask_ratio * self.config.max_len))
+        from_end = masked.flip(1).cumsum(1).flip(1)  # masked positions at or after each position
+        return masked & (from_end <= cap), lengths
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
-        """Masked-item CE over the masked positions of each user's training window.
+        """Masked-item CE over the masked positions of each training window (mean over them).
 
         ``batch`` must be an all-position batch from ``train_batches`` (targets[b, t] is the item
         after items[b, t]); the whole window, the last training item included, is the input.
         """
         self.check_items(batch.items)
         self.check_items(batch.targets)
-        seqs, lengths = self.full_sequences(batch)
-        masked = self.mask_positions(seqs, lengths)
+        seqs, lengths, predictable = self.full_sequences(batch)
+        masked, lengths = self.mask_positions(seqs, lengths, predictable)
+        beyond = torch.arange(seqs.shape[1], device=seqs.device)[None] >= lengths[:, None]
+        seqs = seqs.masked_fill(beyond, 0)[:, : int(lengths.max())]
+        masked = masked[:, : seqs.shape[1]]
         hidden = self(seqs.masked_fill(masked, self.mask_token))  # (B, L', D)
         h = hidden[masked]  # (M, D)
         h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)

@@ -8,19 +8,17 @@ to ``build/checkpoints/quality/<preset>/…`` so an interrupted compute run resu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from paperlib import paths, results
+from paperlib.runtime import run_key
 from paperlib.config import ConfigError, NotebookParams
 from paperlib.data import DATASETS, load_dataset
 from paperlib.models import MODELS, build_model
@@ -58,7 +56,7 @@ class QualityParams(NotebookParams):
     seeds: list[int] = field(default_factory=lambda: [2020])
     epochs: int = 300
     patience: int = 10
-    batch_size: int = 2048
+    batch_size: int = 2048  # (prefix, target) pairs per step, as RecBole counts them
     eval_batch_size: int = 4096
     lr: float = 0.001
     max_steps_per_epoch: int = 0
@@ -137,10 +135,9 @@ def compute(cfg: QualityParams, progress: bool = True) -> dict:
             )
             # one folder per exact setting and training code: a resumed run never continues a
             # different configuration, nor checkpoints written by other model or trainer code
-            key = json.dumps([asdict(model.config), tc.to_dict(), cfg.max_users, data.n_users, _code_hash()],
-                             sort_keys=True)
+            key = run_key(asdict(model.config), tc.to_dict(), cfg.max_users, data.n_users)
             ckpt = (paths.build_dir() / "checkpoints" / STUDY / cfg.preset / dataset
-                    / f"{spec.replace(':', '_').replace(',', '_')}-{hashlib.sha1(key.encode()).hexdigest()[:10]}" / str(seed))
+                    / f"{spec.replace(':', '_').replace(',', '_')}-{key}" / str(seed))
             if progress:
                 print(f"[{dataset} · {run_label(spec)} · seed {seed}]")
             res = fit(model, data, tc, checkpoint_dir=ckpt, resume=cfg.resume, progress=progress)
@@ -163,16 +160,6 @@ def compute(cfg: QualityParams, progress: bool = True) -> dict:
     results.save_results(STUDY, cfg.preset, asdict(cfg), payload, output_dir=cfg.output_dir,
                          wall_seconds=time.perf_counter() - t0, started=started)
     return load(cfg)
-
-
-def _code_hash() -> str:
-    """Hash of the code that shapes a trained model: the models, the trainer, the batches."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "models").glob("*.py")) + [root / "train.py", root / "data" / "sequences.py"]
-    digest = hashlib.sha1()
-    for f in files:
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
 
 
 def _log_epochs_to_stdout() -> None:
