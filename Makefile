@@ -10,7 +10,7 @@ EXTRAS ?= dev,llm
 PRESET ?= quick
 STAMP := $(VENV)/.installed
 
-.PHONY: setup reproduce test lab clean
+.PHONY: setup reproduce test browser lab clean
 
 setup: $(STAMP)
 
@@ -28,10 +28,21 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	$(BIN)/paperlib reproduce --preset $(PRESET)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	TQDM_DISABLE=1 $(BIN)/python -m pytest tests
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -p no:cacheprovider --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
+
+# tests/test_browser.py opens every notebook in JupyterLab in headless Chromium: Debian's package,
+# driven by Playwright (a `playwright install` would download a browser build of its own)
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for tests/test_browser.py"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else \
+		echo "no /usr/bin/chromium and no way to install it here (needs root and apt-get): tests/test_browser.py will be skipped"; \
+	fi
 
 # JupyterLab refuses to run as root unless told (containers often are root)
 lab: $(STAMP)
