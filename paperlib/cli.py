@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 from paperlib import paths
-from paperlib.config import PRESETS, ConfigError, load_preset
-from paperlib.notebooks import COMMITTED_PRESET, NOTEBOOKS, execute, get_notebook, render_committed
+from paperlib.config import COMMITTED_PRESET, PRESETS, ConfigError, load_preset
+from paperlib.notebooks import execute, render_committed
+from paperlib.studies import get_study, studies
 
 
 def _parse_value(text: str) -> Any:
@@ -33,15 +34,16 @@ def _parse_value(text: str) -> Any:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    registry = studies()
     print("Notebooks (paperlib run NAME --preset P):")
-    for nb in NOTEBOOKS.values():
-        print(f"  {nb.name:<16} {nb.title}")
-        print(f"  {'':<16} results: figures/results/{nb.study}.<preset>.json")
-        print(f"  {'':<16} produces: {', '.join(nb.produces)} (png/pdf or md/tex/csv)")
-    print("\nPresets:")
+    for study in registry.values():
+        print(f"  {study.notebook:<16} {study.title}")
+        print(f"  {'':<16} results: figures/results/{study.name}.<preset>.json")
+        print(f"  {'':<16} produces: {', '.join(study.produces)} (png/pdf or md/tex/csv)")
+    print(f"\nPresets (the notebooks' defaults are {COMMITTED_PRESET!r}; the others change):")
     for p in PRESETS:
-        sections = load_preset(p)
-        print(f"  {p:<8} " + "; ".join(f"{k}: {v}" for k, v in sections.items()))
+        parts = [f"{s.notebook}: {load_preset(p, s.notebook) or 'defaults'}" for s in registry.values()]
+        print(f"  {p:<8} " + "; ".join(parts))
     return 0
 
 
@@ -71,9 +73,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     start = time.time()
-    names = args.notebooks or list(NOTEBOOKS)
-    for name in names:
-        get_notebook(name)  # fail before running anything
+    names = [get_study(n).notebook for n in args.notebooks] if args.notebooks else list(studies())
     timings: list[tuple[str, float, Path]] = []
     for name in tqdm(names, desc=f"reproduce ({args.preset})", unit="notebook"):
         t0 = time.perf_counter()

@@ -1,45 +1,50 @@
-"""Presets and notebook parameters.
+"""Study parameters and presets.
 
-Each notebook's ``parameters`` cell holds typed literals only (PITFALLS #3–4). Parameters left as
-``None`` take the value of the chosen preset (``notebooks/presets/<preset>.yaml``, one section per
-notebook), and then the dataclass default. The next cell turns them into a typed config with
-:func:`resolve`, which fails loudly on unknown names and wrong types. The CLI, the tests and the
-notebooks all read the same preset files through this module.
+Each study defines its parameters once, as a dataclass of :func:`paperlib.fields.param` fields:
+name, type, default and one line of help. From that one definition come
+
+* the notebook's ``parameters`` cell (:func:`parameters_source`), typed and commented in
+  papermill's style (``epochs: int = 20  # maximum epochs``), so ``papermill --help-notebook``
+  and a reader in JupyterLab both see type, default and meaning;
+* the validation of what the cell holds after papermill's injection (:func:`configure`).
+
+The defaults are the values of the committed preset (``quick``). Every other preset is a papermill
+parameter file per notebook, ``notebooks/presets/<preset>/<notebook>.yaml``, holding only what
+differs (and ``preset: <name>``), so ``papermill -f`` reads it as it is; the CLI, the tests and
+:func:`configure` read the same files.
 """
 
 from __future__ import annotations
 
-import types
+import dataclasses
+import json
 import typing
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from paperlib import paths
+from paperlib.fields import Checked, ConfigError, check_bounds, coerce, param, type_name
 
 PRESETS: tuple[str, ...] = ("smoke", "quick", "paper")
 COMMITTED_PRESET = "quick"  # the preset whose results the committed notebooks and figures show
-
-
-class ConfigError(ValueError):
-    """A bad preset or parameter: the message names it and the valid choices."""
+#: name of the list, injected by ``paperlib run``, of the parameters set explicitly on its
+#: command line: they are kept even where they equal the default (see :func:`configure`)
+EXPLICIT = "explicit_parameters"
 
 
 @dataclass
-class NotebookParams:
-    """Parameters every notebook has.
+class StudyParams(Checked):
+    """Parameters every study notebook has."""
 
-    Attributes:
-        preset: ``smoke`` (seconds, CI), ``quick`` (a laptop CPU), ``paper`` (the paper's settings).
-        recompute: True runs the study and writes the results JSON; False renders from it.
-        output_dir: where figures, tables and ``results/`` go; empty means ``figures/``.
-    """
-
-    preset: str = "quick"
-    recompute: bool = False
-    output_dir: str = ""
+    preset: str = param(COMMITTED_PRESET, "smoke (seconds, CI), quick (a laptop CPU; the committed results) or "
+                        "paper (the paper's settings)", choices=PRESETS)
+    recompute: bool = param(False, "True runs the study and writes its results JSON; False renders the saved results")
+    output_dir: str = param("", "folder for figures, tables and results/; empty: figures/ (figures/<preset>/ "
+                            "for presets other than quick)")
 
     @property
     def figure_dir(self) -> str:
@@ -51,98 +56,108 @@ class NotebookParams:
         root = paths.figures_dir()
         return str(root if self.preset == COMMITTED_PRESET else root / self.preset)
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-P = TypeVar("P", bound=NotebookParams)
+
+P = TypeVar("P", bound=StudyParams)
 
 
-def preset_path(preset: str) -> Path:
+def preset_path(preset: str, notebook: str) -> Path:
+    """``notebooks/presets/<preset>/<notebook>.yaml`` (it may not exist: then nothing differs)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    path = paths.presets_dir() / f"{preset}.yaml"
+    return paths.presets_dir() / preset / f"{notebook}.yaml"
+
+
+def load_preset(preset: str, notebook: str) -> dict[str, Any]:
+    """The values preset ``preset`` sets for ``notebook`` (without the ``preset`` key itself)."""
+    path = preset_path(preset, notebook)
     if not path.exists():
-        raise ConfigError(f"preset file {path} is missing")
-    return path
-
-
-def load_preset(preset: str, notebook: str | None = None) -> dict[str, Any]:
-    """The whole preset (``notebook=None``) or one notebook's section of it (``{}`` if absent)."""
-    with open(preset_path(preset), encoding="utf-8") as fh:
+        return {}
+    with open(path, encoding="utf-8") as fh:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"preset {preset!r} must be a mapping of notebook name to parameters")
-    if notebook is None:
-        return data
-    section = data.get(notebook) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"preset {preset!r}: section {notebook!r} must be a mapping")
-    return dict(section)
+        raise ConfigError(f"{path} must be a mapping of parameter names to values")
+    if data.get("preset", preset) != preset:
+        raise ConfigError(f"{path} says preset {data['preset']!r}, not {preset!r}")
+    data.pop("preset", None)
+    return data
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    """Is ``value`` an instance of a simple annotation (str, int, float, bool, list[...], dict, unions)?"""
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(annotation) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if annotation is float:
-        # papermill and YAML may hand an int where a float is meant; never a bool
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
+def _checked_value(cls: type, name: str, value: Any) -> Any:
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    value = coerce(value, typing.get_type_hints(cls)[name], name)
+    check_bounds(value, field.metadata, name)
+    return value
 
 
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+def merge(cls: type[P], notebook: str, preset: str, overrides: Mapping[str, Any] | None = None) -> P:
+    """Defaults < preset file < ``overrides``, validated: the parameters a run will use.
 
-
-def resolve(cls: type[P], notebook: str, **given: Any) -> P:
-    """Build the typed config of ``notebook`` from its parameters cell values.
-
-    ``given`` holds the parameters cell's variables. ``None`` means "take the preset's value".
-    Raises ConfigError for unknown names (in ``given`` or the preset) and wrongly typed values.
+    Raises ConfigError for unknown names (in ``overrides`` or the preset file) and wrongly typed or
+    out-of-range values, before anything is computed.
     """
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = set(given) - names
-    if unknown:
-        raise ConfigError(
-            f"{notebook}: unknown parameter(s) {sorted(unknown)}; valid parameters: {sorted(names)}"
-        )
-    preset = given.get("preset") or NotebookParams.preset
-    section = load_preset(preset, notebook)
-    bad = set(section) - names
-    if bad:
-        raise ConfigError(f"preset {preset!r}, section {notebook!r}: unknown parameter(s) {sorted(bad)}")
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        value = given.get(f.name)
-        if value is None:
-            value = section.get(f.name)
-        if value is None:
-            continue  # dataclass default
-        if not _type_ok(value, hints[f.name]):
-            raise ConfigError(
-                f"{notebook}: parameter {f.name!r} must be {_type_name(hints[f.name])}, "
-                f"got {type(value).__name__} {value!r}"
-            )
-        if hints[f.name] is float and isinstance(value, int):
-            value = float(value)
-        values[f.name] = value
-    values["preset"] = preset
-    cfg = cls(**values)
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        validate()
-    return cfg
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = dict(overrides or {})
+    values = load_preset(preset, notebook)
+    for where, given in ((f"preset {preset!r} ({preset_path(preset, notebook)})", values), (notebook, overrides)):
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown parameter(s) {unknown}; valid parameters: {sorted(names)}")
+    return cls(**{**values, **overrides, "preset": preset})
 
+
+def configure(params_cls: type[P], notebook: str, namespace: Mapping[str, Any]) -> P:
+    """The study's config from the variables of a notebook's parameters cell (``globals()``).
+
+    A parameter still at its default takes the value the preset sets for it, so choosing
+    ``preset = "smoke"`` in the cell is enough; any value changed in the cell (or injected by
+    papermill) wins. Values ``paperlib run`` sets explicitly are kept even when they equal the
+    default. Raises ConfigError for wrong types or values, before anything is computed.
+    """
+    fields = dataclasses.fields(params_cls)
+    preset = namespace.get("preset", COMMITTED_PRESET)
+    _checked_value(params_cls, "preset", preset)
+    explicit = set(namespace.get(EXPLICIT) or [])
+    from_preset = load_preset(preset, notebook)
+    values: dict[str, Any] = {}
+    for f in fields:
+        if f.name not in namespace:
+            continue
+        value = _checked_value(params_cls, f.name, namespace[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name in from_preset and f.name not in explicit and value == default:
+            value = from_preset[f.name]
+        values[f.name] = value
+    return merge(params_cls, notebook, preset, values)
+
+
+def literal(value: Any) -> str:
+    """A Python literal for a parameter value, strings double-quoted as papermill writes them."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def parameters_source(params_cls: type[StudyParams]) -> str:
+    """The source of a notebook's ``parameters`` cell: one typed, commented literal a line."""
+    hints = typing.get_type_hints(params_cls)
+    lines = []
+    for f in dataclasses.fields(params_cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        line = f"{f.name}: {type_name(hints[f.name])} = {literal(default)}  # {f.metadata.get('help', '')}"
+        if line.count("=") != 1 or literal(default).count("#"):
+            # papermill's parser skips a line with a second '=' (and a '#' starts the help)
+            raise ConfigError(f"{params_cls.__name__}.{f.name}: its default and help may not contain '=' or '#' "
+                              f"(papermill could not read the line {line!r})")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+__all__ = ["COMMITTED_PRESET", "ConfigError", "EXPLICIT", "PRESETS", "StudyParams", "configure", "load_preset",
+           "merge", "parameters_source", "preset_path"]

@@ -20,12 +20,12 @@ def _env_path(var: str, default: Path) -> Path:
 
 
 def notebooks_dir() -> Path:
-    """Committed notebooks (``notebooks/NN_<study>.ipynb``)."""
-    return REPO_ROOT / "notebooks"
+    """Committed notebooks (``notebooks/NN_<study>.ipynb``): ``$PAPERLIB_NOTEBOOKS`` or ``notebooks/``."""
+    return _env_path("PAPERLIB_NOTEBOOKS", REPO_ROOT / "notebooks")
 
 
 def presets_dir() -> Path:
-    """Preset files (``notebooks/presets/<preset>.yaml``), read by CLI, tests and notebooks."""
+    """Preset files (``notebooks/presets/<preset>/<notebook>.yaml``), read by CLI, tests and notebooks."""
     return notebooks_dir() / "presets"
 
 

@@ -1,44 +1,91 @@
 """Presets, parameter validation and the results contract."""
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 import pytest
 
-from paperlib.config import ConfigError, NotebookParams, load_preset, resolve
+from paperlib.config import EXPLICIT, ConfigError, StudyParams, configure, load_preset, merge, parameters_source
+from paperlib.fields import param
 from paperlib.results import (
     ResultsError, load_results, markdown_table, results_path, save_figure, save_results, save_table,
 )
 
 
 @dataclass
-class DemoParams(NotebookParams):
-    seeds: list[int] = field(default_factory=lambda: [1])
-    lr: float = 0.1
-    name: str = "x"
+class DemoParams(StudyParams):
+    seeds: list[int] = param([1], "seeds", min=0)
+    lr: float = param(0.1, "learning rate", min=0.0)
+    epochs: int = param(20, "maximum epochs", min=1)
+    name: str = param("x", "a name", choices=("x", "y"))
+
+
+@pytest.fixture
+def demo_presets(tmp_path, monkeypatch):
+    """A notebooks folder with presets for a notebook called 99_demo."""
+    folder = tmp_path / "notebooks" / "presets"
+    (folder / "smoke").mkdir(parents=True)
+    (folder / "smoke" / "99_demo.yaml").write_text("preset: smoke\nepochs: 2\nseeds: [7]\n")
+    monkeypatch.setenv("PAPERLIB_NOTEBOOKS", str(tmp_path / "notebooks"))
+    return folder
 
 
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'tiny'.*smoke, quick, paper"):
-        load_preset("tiny")
+        load_preset("tiny", "01_datasets")
 
 
-def test_resolve_types_and_defaults():
-    cfg = resolve(DemoParams, "demo", preset="smoke", recompute=True, seeds=None, lr=1)
+def test_merge_defaults_preset_overrides(demo_presets):
+    cfg = merge(DemoParams, "99_demo", "smoke", {"lr": 1})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert cfg.seeds == [1] and cfg.recompute is True and cfg.preset == "smoke"
+    assert (cfg.epochs, cfg.seeds, cfg.preset) == (2, [7], "smoke")
+    assert merge(DemoParams, "99_demo", "quick").epochs == 20  # no file: the defaults
 
 
-def test_resolve_rejects_unknown_and_wrong_types():
+def test_configure_applies_the_preset_to_values_left_at_their_default(demo_presets):
+    cell = {"preset": "smoke", "recompute": False, "output_dir": "", "seeds": [1], "lr": 0.5, "epochs": 20,
+            "name": "x"}
+    cfg = configure(DemoParams, "99_demo", cell)
+    assert (cfg.epochs, cfg.seeds, cfg.lr) == (2, [7], 0.5)  # changed in the cell: kept
+    # a value set explicitly on the command line wins even when it equals the default
+    cfg = configure(DemoParams, "99_demo", {**cell, EXPLICIT: ["epochs"]})
+    assert cfg.epochs == 20 and cfg.seeds == [7]
+
+
+def test_parameters_are_rejected_before_anything_runs(demo_presets):
     with pytest.raises(ConfigError, match="unknown parameter.*'epochz'"):
-        resolve(DemoParams, "demo", preset="smoke", epochz=3)
+        merge(DemoParams, "99_demo", "smoke", {"epochz": 3})
     with pytest.raises(ConfigError, match="'lr' must be float, got str"):
-        resolve(DemoParams, "demo", preset="smoke", lr="0.1")
-    with pytest.raises(ConfigError, match="'seeds' must be list"):
-        resolve(DemoParams, "demo", preset="smoke", seeds=[1, "2"])
+        merge(DemoParams, "99_demo", "smoke", {"lr": "0.1"})
+    with pytest.raises(ConfigError, match="'seeds\\[1\\]' must be int"):
+        merge(DemoParams, "99_demo", "smoke", {"seeds": [1, "2"]})
     with pytest.raises(ConfigError, match="'recompute' must be bool"):
-        resolve(DemoParams, "demo", preset="smoke", recompute=1)
+        configure(DemoParams, "99_demo", {"recompute": 1})
+    with pytest.raises(ConfigError, match="'epochs' must be >= 1, got 0"):
+        merge(DemoParams, "99_demo", "smoke", {"epochs": 0})
+    with pytest.raises(ConfigError, match="'name' must be one of \\['x', 'y'\\], got 'z'"):
+        merge(DemoParams, "99_demo", "smoke", {"name": "z"})
+    (demo_presets / "smoke" / "99_demo.yaml").write_text("preset: smoke\nepocs: 2\n")
+    with pytest.raises(ConfigError, match="preset 'smoke'.*unknown parameter.*'epocs'"):
+        merge(DemoParams, "99_demo", "smoke")
+
+
+def test_parameters_cell_is_written_from_the_definitions():
+    src = parameters_source(DemoParams)
+    assert src.splitlines()[3:] == [
+        "seeds: list[int] = [1]  # seeds",
+        "lr: float = 0.1  # learning rate",
+        "epochs: int = 20  # maximum epochs",
+        'name: str = "x"  # a name',
+    ]
+
+    @dataclass
+    class Bad(StudyParams):
+        spec: str = param("a=b", "papermill would skip this line")
+
+    with pytest.raises(ConfigError, match="may not contain '=' or '#'"):
+        parameters_source(Bad)
 
 
 def test_results_roundtrip_and_provenance(tmp_path):
@@ -96,6 +143,6 @@ def test_figure_dir_keeps_committed_figures(monkeypatch, tmp_path):
     from paperlib import paths
 
     monkeypatch.setenv("PAPERLIB_FIGURES", str(tmp_path))
-    assert NotebookParams(preset="quick").figure_dir == str(paths.figures_dir())
-    assert NotebookParams(preset="paper").figure_dir == str(tmp_path / "paper")
-    assert NotebookParams(preset="smoke", output_dir="/x").figure_dir == "/x"
+    assert StudyParams(preset="quick").figure_dir == str(paths.figures_dir())
+    assert StudyParams(preset="paper").figure_dir == str(tmp_path / "paper")
+    assert StudyParams(preset="smoke", output_dir="/x").figure_dir == "/x"

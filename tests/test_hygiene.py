@@ -1,6 +1,7 @@
 """Hygiene of the committed notebooks, presets and environment files (PITFALLS #1–5, #12, #18)."""
 
 import ast
+import dataclasses
 import re
 import tomllib
 
@@ -11,21 +12,22 @@ import yaml
 from jupyter_client.kernelspec import KernelSpecManager
 
 from paperlib import paths
-from paperlib.config import PRESETS, load_preset
-from paperlib.notebooks import COMMITTED_PRESET, NOTEBOOKS
+from paperlib.config import COMMITTED_PRESET, PRESETS, load_preset, parameters_source
 from paperlib.results import results_path
+from paperlib.studies import studies
 
 from conftest import REPO
 
-NB = list(NOTEBOOKS.values())
+STUDIES = studies()
+NB = list(STUDIES.values())
 
 
 def test_every_notebook_file_is_registered():
     on_disk = {p.stem for p in paths.notebooks_dir().glob("*.ipynb")}
-    assert on_disk == set(NOTEBOOKS)
+    assert on_disk == set(STUDIES)
 
 
-@pytest.mark.parametrize("nb", NB, ids=lambda n: n.name)
+@pytest.mark.parametrize("nb", NB, ids=lambda n: n.notebook)
 def test_parameters_cell(nb):
     book = nbformat.read(nb.path, as_version=4)
     code = [c for c in book.cells if c.cell_type == "code"]
@@ -33,26 +35,47 @@ def test_parameters_cell(nb):
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     assert code[1] is tagged[0], "code cell 2 is the parameters cell (cell 1 imports)"
     assert all(line.startswith(("from ", "import ")) or not line.strip() for line in code[0].source.splitlines())
-    # typed literals only (PITFALLS #3-4)
+    # typed literals only (PITFALLS #3-4), written from the study's one parameter definition
     for node in ast.parse(tagged[0].source).body:
-        assert isinstance(node, ast.Assign), f"only assignments in the parameters cell: {ast.unparse(node)}"
+        assert isinstance(node, ast.AnnAssign), f"only annotated assignments: {ast.unparse(node)}"
         ast.literal_eval(node.value)
+    assert tagged[0].source == parameters_source(nb.params), "re-render the notebook: its parameters cell is stale"
+    # papermill documents every parameter with its type, default and help (--help-notebook)
     declared = pm.inspect_notebook(str(nb.path))
-    assert {"preset", "recompute", "output_dir"} <= set(declared)
+    fields = {f.name: f for f in dataclasses.fields(nb.params)}
+    assert set(declared) == set(fields)
+    for name, info in declared.items():
+        assert info["help"] == fields[name].metadata["help"] and info["help"], name
+        assert info["inferred_type_name"] != "None", name
     assert declared["recompute"]["default"] == "False"
-    assert declared["preset"]["default"] == repr(COMMITTED_PRESET).replace("'", '"')
+    assert declared["preset"]["default"] == f'"{COMMITTED_PRESET}"'
+
+
+def test_help_notebook_prints_every_parameter():
+    import subprocess
+    import sys
+
+    nb = STUDIES["02_quality"]
+    out = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(nb.path)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    for f in dataclasses.fields(nb.params):
+        assert re.search(rf"^\s+{f.name}: \S.*\(default [^)]+\)\s+{re.escape(f.metadata['help'][:30])}", out, re.M), f.name
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_keys_are_declared_parameters(preset):
-    data = load_preset(preset)
-    assert set(data) <= set(NOTEBOOKS), f"preset sections must name notebooks: {set(data) - set(NOTEBOOKS)}"
-    for name, section in data.items():
-        declared = pm.inspect_notebook(str(NOTEBOOKS[name].path))
-        assert set(section) <= set(declared), f"{preset}/{name}: {set(section) - set(declared)} not declared"
+@pytest.mark.parametrize("nb", NB, ids=lambda n: n.notebook)
+def test_preset_files_are_papermill_parameter_files(preset, nb):
+    values = load_preset(preset, nb.notebook)  # checks the file's own preset key
+    declared = pm.inspect_notebook(str(nb.path))
+    assert set(values) <= set(declared), f"{preset}/{nb.notebook}: {set(values) - set(declared)} not declared"
+    nb.params(preset=preset, **values)  # every value has the declared type and range
+    if preset == COMMITTED_PRESET:
+        assert not values, "the notebook's defaults are the committed preset: its file sets nothing"
+    folder = paths.presets_dir() / preset
+    assert {p.stem for p in folder.glob("*.yaml")} <= set(STUDIES), "a preset file names no notebook"
 
 
-@pytest.mark.parametrize("nb", NB, ids=lambda n: n.name)
+@pytest.mark.parametrize("nb", NB, ids=lambda n: n.notebook)
 def test_committed_in_render_mode(nb):
     book = nbformat.read(nb.path, as_version=4)
     assert book.metadata.kernelspec.name == "python3"
@@ -67,7 +90,7 @@ def test_committed_in_render_mode(nb):
                 assert out.output_type != "error"
     counts = [c.execution_count for c in book.cells if c.cell_type == "code"]
     assert counts == list(range(1, len(counts) + 1)), "executed top to bottom in one run"
-    assert results_path(nb.study, COMMITTED_PRESET).exists(), "the results it renders are committed"
+    assert results_path(nb.name, COMMITTED_PRESET).exists(), "the results it renders are committed"
 
 
 def _pins(reqs):

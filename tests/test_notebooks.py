@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from paperlib.config import ConfigError
-from paperlib.notebooks import NOTEBOOKS, execute
+from paperlib.config import ConfigError, load_preset
+from paperlib.notebooks import execute
+from paperlib.studies import studies
 
 pytestmark = pytest.mark.slow
 
@@ -15,40 +16,23 @@ pytestmark = pytest.mark.slow
 SMOKE_BUDGET_S = 180
 
 
-def check_datasets(doc):
-    ml = doc["results"]["datasets"]["ml-100k"]
-    assert (ml["raw"]["users"], ml["raw"]["items"], ml["raw"]["interactions"]) == (943, 1682, 100_000)
-    assert ml["kcore"]["interactions"] <= 100_000 and ml["kcore"]["users"] == 943
-    assert sum(ml["raw"]["length_hist"]) == 943
-
-
-def check_quality(doc):
-    runs = doc["results"]["runs"]
-    assert {r["model"] for r in runs} == {"gru4rec", "sasrec", "bert4rec", "mamba4rec"}
-    for r in runs:
-        assert len(r["history"]) == doc["params"]["epochs"] and r["dataset"] == "ml-100k"
-        assert all(h["steps"] == doc["params"]["max_steps_per_epoch"] for h in r["history"])
-        assert all(0.0 <= r["test"][f"{m}@10"] <= 1.0 for m in ("hr", "ndcg", "mrr"))
-        assert r["test"]["ndcg@10"] <= r["test"]["hr@10"] and r["test"]["mrr@10"] <= r["test"]["ndcg@10"]
-    assert doc["results"]["datasets"]["ml-100k"]["users"] == doc["params"]["max_users"]
-
-
-CHECKS = {"datasets": check_datasets, "quality": check_quality}
-
-
-@pytest.mark.parametrize("nb", list(NOTEBOOKS.values()), ids=lambda n: n.name)
-def test_smoke_run(nb, real_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("study", list(studies().values()), ids=lambda s: s.notebook)
+def test_smoke_run(study, real_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
     t0 = time.perf_counter()
-    executed = execute(nb.name, "smoke", output_dir=tmp_path / "out", progress=False)
+    executed = execute(study.notebook, "smoke", output_dir=tmp_path / "out", progress=False)
     elapsed = time.perf_counter() - t0
     assert executed.exists()
-    doc = json.loads((tmp_path / "out" / "results" / f"{nb.study}.smoke.json").read_text())
+    doc = json.loads((tmp_path / "out" / "results" / f"{study.name}.smoke.json").read_text())
     assert doc["preset"] == "smoke" and doc["params"]["recompute"] is True
     assert doc["provenance"]["wall_seconds"] > 0
-    for stem in nb.produces:
+    # the preset's values reached the study
+    for name, value in load_preset("smoke", study.notebook).items():
+        assert doc["params"][name] == value, name
+    for stem in study.produces:
         assert list((tmp_path / "out").glob(f"{stem}.*")), f"{stem} was not written"
-    CHECKS[nb.study](doc)
+    if study.check is not None:
+        study.check(doc)
     assert elapsed < SMOKE_BUDGET_S, f"smoke run took {elapsed:.0f} s"
 
 
@@ -64,10 +48,26 @@ def test_unknown_notebook_and_preset(tmp_path):
         execute("01_datasets", "huge")
 
 
-def test_wrong_type_fails_inside_notebook(real_data, tmp_path, monkeypatch):
+def test_wrong_type_fails_before_running(real_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
+    with pytest.raises(ConfigError, match="'k_core' must be int, got str"):
+        execute("01_datasets", "smoke", {"k_core": "five"}, output_dir=tmp_path / "out", progress=False)
+    with pytest.raises(ConfigError, match="'k_core' must be >= 1, got 0"):
+        execute("01_datasets", "smoke", {"k_core": 0}, output_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "build").exists()
+
+
+def test_the_notebook_validates_its_own_cell(real_data, tmp_path, monkeypatch):
+    """Run in JupyterLab, the notebook itself refuses a wrongly typed value before computing."""
+    import nbformat
     import papermill as pm
 
-    monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
+    study = studies()["01_datasets"]
+    nb = nbformat.read(study.path, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    cell.source = cell.source.replace("k_core: int = 5", 'k_core: int = "five"')
+    path = tmp_path / "edited.ipynb"
+    nbformat.write(nb, path)
     with pytest.raises(pm.PapermillExecutionError, match="'k_core' must be int, got str"):
-        execute("01_datasets", "smoke", {"k_core": "five"}, output_dir=tmp_path / "out", progress=False)
-    assert not (tmp_path / "out" / "results").exists()
+        pm.execute_notebook(str(path), str(tmp_path / "out.ipynb"), kernel_name="python3", progress_bar=False,
+                            cwd=str(tmp_path))

@@ -7,41 +7,32 @@ interactions, average/median history length, sparsity), and the distribution of 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from paperlib import results
-from paperlib.config import ConfigError, NotebookParams
+from paperlib.config import StudyParams
 from paperlib.data import DATASETS, kcore, load_interactions
+from paperlib.fields import ConfigError, param
+from paperlib.studies import Study
 
-STUDY = "datasets"
-NOTEBOOK = "01_datasets"
 #: log-spaced bin edges for history lengths (1 … 10⁴ items), shared by every dataset
 LENGTH_BINS: list[float] = np.unique(np.round(np.logspace(0, 4, 41))).tolist()
 
 
 @dataclass
-class DatasetsParams(NotebookParams):
-    """Parameters of ``01_datasets``.
+class DatasetsParams(StudyParams):
+    """Parameters of ``01_datasets``."""
 
-    Attributes:
-        datasets: registry names to describe.
-        k_core: minimum interactions per user and per item (5 as Mamba4Rec/RecBole).
-    """
-
-    datasets: list[str] = field(default_factory=lambda: ["ml-1m", "amazon-beauty", "amazon-video-games", "ml-100k"])
-    k_core: int = 5
+    datasets: list[str] = param(["ml-1m", "amazon-beauty", "amazon-video-games", "ml-100k"],
+                                "datasets to describe", choices=tuple(DATASETS))
+    k_core: int = param(5, "minimum interactions per user and per item (5 as Mamba4Rec/RecBole)", min=1)
 
     def validate(self) -> None:
-        unknown = [d for d in self.datasets if d not in DATASETS]
-        if unknown:
-            raise ConfigError(f"unknown dataset(s) {unknown}: choose from {sorted(DATASETS)}")
         if not self.datasets:
             raise ConfigError("datasets is empty: name at least one dataset")
-        if self.k_core < 1:
-            raise ConfigError(f"k_core must be >= 1, got {self.k_core}")
 
 
 def describe(df: pd.DataFrame) -> dict:
@@ -75,13 +66,9 @@ def compute(cfg: DatasetsParams, progress: bool = True) -> dict:
             print(f"{name}: {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions "
                   f"after {cfg.k_core}-core ({time.perf_counter() - t:.1f} s)")
     payload = {"length_bins": LENGTH_BINS, "datasets": out, "protocol": {"k_core": cfg.k_core, "iterative": True}}
-    results.save_results(STUDY, cfg.preset, asdict(cfg), payload, output_dir=cfg.output_dir,
+    results.save_results(STUDY.name, cfg.preset, cfg.to_dict(), payload, output_dir=cfg.output_dir,
                          wall_seconds=time.perf_counter() - t0, started=started)
-    return load(cfg)
-
-
-def load(cfg: DatasetsParams) -> dict:
-    return results.load_results(STUDY, cfg.preset, cfg.output_dir)
+    return STUDY.load(cfg)
 
 
 def table1(doc: dict) -> pd.DataFrame:
@@ -119,3 +106,21 @@ def figure1(doc: dict):
     ax.set_title(f"History lengths (solid: {k}-core, dotted: raw)")
     ax.legend(fontsize=8)
     return fig
+
+
+def check_results(doc: dict) -> None:
+    """What every results JSON of this study satisfies (run on each smoke run)."""
+    for name in doc["params"]["datasets"]:
+        entry = doc["results"]["datasets"][name]
+        for stage in ("raw", "kcore"):
+            s = entry[stage]
+            assert s["users"] > 0 and s["items"] > 0 and s["interactions"] >= s["users"]
+            assert sum(s["length_hist"]) == s["users"]
+        assert entry["kcore"]["interactions"] <= entry["raw"]["interactions"]
+
+
+STUDY = Study(
+    name="datasets", notebook="01_datasets", title="Datasets: statistics before and after the 5-core filter",
+    params=DatasetsParams, compute=compute, produces=("table1_datasets", "fig1_history_lengths"),
+    check=check_results,
+)
