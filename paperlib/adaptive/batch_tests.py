@@ -27,11 +27,12 @@ Two estimators, chosen with ``rows``:
   the m rows are their mean gradients G_j, of sizes n_j (``group_sizes``; by default m equal
   groups of b/m). A micro-batch mean has variance Var / n_j, so the per-example variance is
   estimated from the spread of the group means:
-  ``Var ~ sum_j n_j ||G_j - g||^2 / (m - 1)``, which for equal groups is the
-  ``(b/m) sum_j ||G_j - g||^2 / (m - 1)`` of AdaBatchGrad's cheaper test; ``Var_ip`` and
+  ``Var ~ sum_j n_j ||G_j - g||^2 / (m - 1)``, which for equal groups is the usual cheap
+  estimate ``(b/m) sum_j ||G_j - g||^2 / (m - 1)``; ``Var_ip`` and
   ``Var_perp`` are estimated the same way from ``<G_j, g>`` and the orthogonal part of G_j.
-  Here g is the size-weighted mean of the rows, i.e. exactly the batch's mean gradient. The
-  estimate is unbiased (a between-group sum of squares) but has only m - 1 degrees of freedom.
+  Here g is the size-weighted mean of the rows, i.e. exactly the batch's mean gradient. For
+  ``Var`` this is the between-group sum of squares, unbiased like the per-example estimate, but
+  with only m - 1 degrees of freedom instead of b - 1, so it is noisier.
 
 Both are one formula, ``sum_j w_j s_j / (m - 1)`` with weights w_j = 1 (examples) or n_j (groups).
 All arithmetic is done in float64.

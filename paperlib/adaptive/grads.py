@@ -9,23 +9,29 @@ Two ways to get the rows of G (see :mod:`paperlib.adaptive.batch_tests` for how 
 * :func:`per_example_gradients` (``rows="examples"``, small models): the exact per-example
   gradients with ``torch.func`` (``functional_call`` + ``vmap(grad(...))``).
 
-Measured cost (``python -m paperlib.adaptive.grads``; 2 CPU cores, torch 2.13, one thread;
-MLP 256-512-512-10, 0.53 M parameters, batch 256, cross-entropy; median of 10 runs after
-warm-up; memory = growth of the peak resident set of a fresh process over one call):
+Measured cost (``from paperlib.adaptive.grads import print_costs; print_costs()``): a machine
+with 2 CPU cores shared with other jobs (load average about 4), torch 2.13, one thread; MLP
+256-512-512-10 (0.40 M parameters), batch 256, cross-entropy, forward + backward; time is the
+fastest of 20 calls after a warm-up (load only ever adds time); memory is the growth of the peak
+resident set of a fresh process over one call.
 
-=============================  ============  ===========  =========
-method                         time (ms)     vs backward  peak (MB)
-=============================  ============  ===========  =========
-one backward (baseline)        MEASURE       1.0          MEASURE
-group_gradients, m = 4         MEASURE       MEASURE      MEASURE
-group_gradients, m = 16        MEASURE       MEASURE      MEASURE
-per_example_gradients          MEASURE       MEASURE      MEASURE
-=============================  ============  ===========  =========
+=====================================  =========  ===========  ===========
+method                                 time (ms)  vs backward  memory (MB)
+=====================================  =========  ===========  ===========
+one backward of the batch (baseline)         4.6          1.0         14.5
+4 micro-batch backwards into p.grad          6.8          1.5         13.2
+group_gradients, m = 4                       8.7          1.9         23.7
+16 micro-batch backwards into p.grad        14.5          3.2         12.1
+group_gradients, m = 16                     25.5          5.6         41.6
+per_example_gradients (chunks of 32)       437.8           96        522.8
+=====================================  =========  ===========  ===========
 
-Micro-batches cost little on top of one backward: the same arithmetic in m smaller pieces, plus
-an m x P matrix of rows. Per-example gradients materialise a b x P matrix (here 256 x 0.53 M
-floats, 540 MB) and are only for small models; ``chunk_size`` bounds the memory of vmap's
-intermediate tensors, not of the result.
+So on a small model the group estimate costs about 2x one backward with m = 4 and 5-6x with
+m = 16: part is the smaller, less efficient matrix products of micro-batches (the "backwards into
+p.grad" rows, the same work without G), part is writing and reading the m x P matrix G
+(m x 1.6 MB here). The first part should shrink where a micro-batch still keeps the hardware
+busy (larger models, a GPU; not measured here). Per-example gradients materialise a b x P matrix (here 256 x 0.40 M floats,
+409 MB) and cost about 100 backwards on this CPU: only for small models.
 
 Caveats: layers that mix the examples of a batch (batch norm) see micro-batch statistics; dropout
 draws independent masks in each micro-batch (and each example under vmap), as it would in any
@@ -114,8 +120,9 @@ def group_gradients(
 ) -> BatchGradients:
     """Mean gradient of each micro-batch, flattened into the rows of G (``rows="groups"``).
 
-    One backward pass per micro-batch; together they cost about one backward of the whole batch.
-    ``p.grad`` is not touched; put ``result.mean`` there with :func:`set_flat_grad` to step.
+    One backward pass per micro-batch: together the arithmetic of one backward of the whole batch,
+    in m smaller pieces (measured cost in the module docstring). ``p.grad`` is not touched; put
+    ``result.mean`` there with :func:`set_flat_grad` and take the optimizer step.
 
     Args:
         params: the parameters to differentiate (their order fixes the flattening).
@@ -140,7 +147,7 @@ def group_gradients(
         raise ValueError(f"micro-batch {counts.index(min(counts))} is empty")
     # rows are written in place: no per-row concatenation and no final stack (m x P copies)
     G = torch.zeros(m, sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    losses = []
+    losses = []  # kept as tensors: no device synchronisation per micro-batch
     for j, mb in enumerate(microbatches):
         loss = loss_fn(mb)
         if loss.dim() != 0:
@@ -151,10 +158,11 @@ def group_gradients(
             if g is not None:  # an unused parameter keeps its zero gradient
                 G[j, offset:offset + p.numel()].copy_(g.reshape(-1))
             offset += p.numel()
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
     w = torch.tensor(counts, dtype=torch.int64)
-    mean = (w.to(G.dtype).to(G.device) @ G) / sum(counts)
-    loss = sum(n * v for n, v in zip(counts, losses)) / sum(counts)
+    wf = w.to(G.dtype).to(G.device)
+    mean = (wf @ G) / sum(counts)
+    loss = float(wf @ torch.stack(losses).to(G.dtype)) / sum(counts)
     return BatchGradients(G, w, mean, loss, "groups")
 
 
@@ -256,6 +264,10 @@ def _bench_child(method: str, queue: Any) -> None:  # pragma: no cover - runs in
         if method == "backward":
             model.zero_grad()
             ce(model(x), y).backward()
+        elif method.startswith("loop"):  # m backward passes into p.grad: the cost without G
+            model.zero_grad()
+            for xj, yj in split_batch((x, y), int(method.split("=")[1])):
+                ce(model(xj), yj).backward()
         elif method.startswith("groups"):
             m = int(method.split("=")[1])
             group_gradients(params, lambda mb: ce(model(mb[0]), mb[1]), split_batch((x, y), m))
@@ -284,7 +296,7 @@ def measure_costs() -> list[tuple[str, float, float, int]]:
 
     ctx = mp.get_context("spawn")
     results = []
-    for method in ("backward", "groups m=4", "groups m=16", "per-example"):
+    for method in ("backward", "loop m=4", "groups m=4", "loop m=16", "groups m=16", "per-example"):
         queue = ctx.Queue()
         proc = ctx.Process(target=_bench_child, args=(method, queue))
         proc.start()

@@ -79,12 +79,13 @@ class AdaGradNorm(_GlobalStateOptimizer):
     where g_j is the mini-batch gradient of step j over *all* parameters together.
 
     Indexing: by default the sum runs over the **previous** gradients j < k, as AdaBatchGrad
-    writes it, so h_k does not depend on the current mini-batch. This is the "delayed" AdaGrad
-    step of the stochastic analyses (Li and Orabona 2019), for which h_k is independent of g_k
-    given the past and E[h_k g_k] = h_k grad f(x_k); AdaBatchGrad's convergence proof for inexact
-    batch tests relies on it. ``include_current=True`` gives the classical AdaGrad-Norm
-    (Ward, Wu, Bottou 2019), ``h_k = alpha / sqrt(beta + sum_{j<=k} ||g_j||^2)``, whose first
-    step is already damped by ||g_0||. The first default step is ``alpha / sqrt(beta)``.
+    writes it. h_k is then fixed before the mini-batch of step k is drawn, so it is independent
+    of g_k given the past and E[h_k g_k | past] = h_k grad f(x_k): the property the stochastic
+    analyses of this "delayed" AdaGrad step use (Li and Orabona 2019, "On the convergence of
+    stochastic gradient descent with adaptive stepsizes"). The first step is
+    ``alpha / sqrt(beta)``. ``include_current=True`` gives the classical AdaGrad-Norm of Ward, Wu,
+    Bottou (2019), ``h_k = alpha / sqrt(beta + sum_{j<=k} ||g_j||^2)``, whose first step is
+    already damped by ||g_0||.
 
     ``alpha`` and ``beta`` may differ between parameter groups (the accumulated sum is shared);
     :attr:`last_step_size` reports the step of the first group.
@@ -190,9 +191,11 @@ class USGM(_GlobalStateOptimizer):
     * Parameters without a gradient count as having a zero gradient.
 
     Averaging: the guarantee of Algorithm 4.1 (convex problems) is for the uniform average of
-    the iterates x_1..x_k produced by the steps, not x_0: each x_{i+1} is bounded through the
-    step from x_i (beta measures the linearisation error at x_{i+1}). :meth:`averaged` swaps that
-    average into the parameters for evaluation (before any step it is x_0).
+    the iterates, not the last one. We average the points the steps produce, x_1..x_k, and leave
+    out x_0: the analysis bounds f at each point x_{i+1} reached by a step from x_i (beta is the
+    linearisation error there), and x_0 is only where the method starts (the first step jumps to
+    the boundary of the ball whatever g_0 is). :meth:`averaged` swaps that average into the
+    parameters for evaluation (before any step it is x_0).
 
     x_0 is the value of the parameters at the first call of :meth:`step`. Memory: four copies of
     the parameters (x_0, the average, the last move, the last gradient).
@@ -305,8 +308,8 @@ class USGM(_GlobalStateOptimizer):
         for p in params:
             st = self.state[p]
             st["delta"].neg_().add_(p)
-            # uniform average of x_1..x_k; at k = 1 the stored x_0 is simply replaced by x_1
-            st["avg"].add_(p - st["avg"], alpha=1.0 / k)
+            # uniform average of x_1..x_k: avg += (x_k - avg)/k; at k = 1 it becomes x_1 exactly
+            st["avg"].lerp_(p, 1.0 / k)
         self._global.update(iteration=k, pending=True, last_step_size=step, last_skip_reason=None)
 
     @torch.no_grad()
