@@ -13,8 +13,8 @@ skipped test (zero mean gradient) adds no proposal.
 
 The tests compare the noise with the *sampled* ||g||^2, which the noise itself inflates
 (E||g||^2 = ||grad f||^2 + Var/b), so at small batches they are lenient: for the norm test the
-batch settles near ``b = Var (1 - theta^2) / (theta^2 ||grad f||^2)``, which with theta = 0.9 is
-a quarter of the ``Var / (theta^2 ||grad f||^2)`` one might expect.
+batch settles near ``b = Var (1 - theta^2) / (theta^2 ||grad f||^2)``: with theta = 0.9 about a
+fifth (1 - theta^2 = 0.19) of the ``Var / (theta^2 ||grad f||^2)`` one might expect.
 
 Usage, once per optimizer step::
 
