@@ -120,6 +120,7 @@ class Pair:
     chosen: str
     rejected: str
     user: int  # row index into data.sequences
+    position: int  # index of the target in the user's sequence (always in the training part)
     target: int  # item id of chosen
     rejected_item: int  # item id of rejected
     n_dropped: int  # oldest items dropped from the prompt to fit the context
@@ -260,7 +261,7 @@ def build_pairs(
         score_matrix = _hard_scores(scores, histories, data, config.score_batch_size)
 
     pairs = []
-    for k, (user, target, prompt) in enumerate(zip(targets.users, target_items, prompts)):
+    for k, (user, position, target, prompt) in enumerate(zip(targets.users, targets.positions, target_items, prompts)):
         excluded = wrong.excluded(int(target), prompt.items if config.exclude_history else ())
         if config.strategy == "hard":
             row = score_matrix[k].clone()
@@ -277,6 +278,7 @@ def build_pairs(
                 chosen=titles[int(target)],
                 rejected=titles[rejected],
                 user=int(user),
+                position=int(position),
                 target=int(target),
                 rejected_item=rejected,
                 n_dropped=prompt.n_dropped,
