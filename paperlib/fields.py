@@ -28,10 +28,11 @@ class ConfigError(ValueError):
 
 
 def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-          choices: tuple[Any, ...] | None = None) -> Any:
+          below: float | None = None, choices: tuple[Any, ...] | None = None) -> Any:
     """A dataclass field with one line of ``help`` and optional bounds (``min``/``max``
-    inclusive) or ``choices``. Mutable defaults (lists, dicts) are copied for each instance."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    inclusive, ``below`` exclusive) or ``choices``. Mutable defaults (lists, dicts) are copied
+    for each instance."""
+    meta = {"help": help, "min": min, "max": max, "below": below, "choices": choices}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -111,6 +112,8 @@ def check_bounds(value: Any, meta: typing.Mapping[str, Any], name: str) -> None:
             raise ConfigError(f"{name!r} must be >= {meta['min']}, got {v!r}")
         if meta.get("max") is not None and v > meta["max"]:
             raise ConfigError(f"{name!r} must be <= {meta['max']}, got {v!r}")
+        if meta.get("below") is not None and v >= meta["below"]:
+            raise ConfigError(f"{name!r} must be < {meta['below']}, got {v!r}")
 
 
 def check_fields(obj: Any, prefix: str = "") -> None:
@@ -134,11 +137,14 @@ def build(cls: type, values: typing.Mapping[str, Any], what: str) -> Any:
 
 class Checked:
     """Mixin for config dataclasses: fields are coerced and bound-checked on construction, then
-    ``validate()`` (a subclass hook for checks across fields) runs."""
+    ``validate()`` (a subclass hook for checks across fields) runs. Errors name the class."""
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        self.validate()
+        try:
+            check_fields(self)
+            self.validate()
+        except ConfigError as err:
+            raise ConfigError(f"{type(self).__name__}: {err}") from None
 
     def validate(self) -> None:
         """Checks that involve several fields; raise ConfigError."""

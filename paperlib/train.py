@@ -82,12 +82,6 @@ class TrainConfig(Checked):
     device: str = param("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
     checkpoint_dir: str | None = param(None, "folder for last.pt / best.pt; None writes no checkpoints")
 
-    def __post_init__(self) -> None:
-        try:
-            super().__post_init__()
-        except ConfigError as err:
-            raise ConfigError(f"TrainConfig: {err}") from None
-
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"'lr' must be > 0, got {self.lr}")

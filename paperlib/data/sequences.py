@@ -164,18 +164,21 @@ def count_pairs(data: SequentialData) -> int:
 class Windows:
     """Training windows that together hold every RecBole (prefix, target) pair exactly once.
 
-    A user's training part ``s`` (n items) has targets ``s[1..n-1]``. Window w feeds the items
-    ``s[start:stop]`` (at most ``max_len`` of them) to the model; position j predicts
-    ``s[start + j + 1]``. The first window of a user starts at 0 and counts every target it holds,
-    each with its whole history, exactly as RecBole's prefixes. Each further window ends ``stride``
-    targets later and is ``max_len`` items long: it counts only its last ``stride`` targets (the
-    earlier positions are context already counted), so each of them sees at least
-    ``max_len - stride + 1`` items of history. ``stride = max_len`` gives non-overlapping windows
-    (every item fed about once); ``stride = 1`` gives every target its full ``max_len`` history,
-    i.e. RecBole's pairs exactly, at RecBole's cost.
+    A user's training part ``s`` (n items) has targets ``s[1..n-1]``; target ``s[t]`` has the
+    history ``s[max(0, t - max_len):t]`` in RecBole. The targets are cut into consecutive chunks of
+    ``stride``; the window of a chunk ending at target ``e`` feeds the model the (at most
+    ``max_len``) items before it, ``s[start:e]`` with ``start = max(0, e - max_len)``, so position
+    j predicts ``s[start + j + 1]``, and counts only the chunk's targets (the positions before them
+    are context). A target thus sees at least ``max_len - stride + 1`` items of history, all of it
+    while the history is shorter than that.
 
-    Arrays, one entry per window: ``user`` (row in ``data.sequences``), ``start``, ``stop`` and
-    ``first_new`` (position of the first counted target within the window).
+    ``stride = max_len`` (the default) gives non-overlapping windows, each item fed about once;
+    ``stride = 1`` gives every target its full RecBole history (RecBole's pairs exactly, at
+    RecBole's cost); in between, more users per batch and more history per target for a few
+    times the compute.
+
+    Arrays, one entry per window: ``user`` (row in ``data.sequences``), ``start``, ``stop`` (the
+    end ``e`` above) and ``first_new`` (position of the first counted target within the window).
     """
 
     user: np.ndarray
@@ -202,15 +205,11 @@ def training_windows(data: SequentialData, stride: int | None = None) -> Windows
         raise DataError(f"window stride must lie in 1..max_len={size}, got {stride}")
     user, start, stop, first = [], [], [], []
     for u, seq in enumerate(data.sequences):
-        n = len(seq) - 2  # training part
-        if n < 2:
-            continue  # a single training item gives no (prefix, target) pair
-        end = min(n - 1, size)  # the first window: inputs s[0:end], targets s[1:end + 1]
-        user.append(u), start.append(0), stop.append(end), first.append(0)
-        while end < n - 1:
-            new_end = min(end + stride, n - 1)
-            user.append(u), start.append(new_end - size), stop.append(new_end), first.append(size - (new_end - end))
-            end = new_end
+        last = len(seq) - 3  # the last training target's index (training part: all but 2 items)
+        for prev in range(0, last, stride):  # targets prev+1 .. end
+            end = min(prev + stride, last)
+            a = max(0, end - size)
+            user.append(u), start.append(a), stop.append(end), first.append(prev - a)
     as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return Windows(as_array(user), as_array(start), as_array(stop), as_array(first), stride)
 

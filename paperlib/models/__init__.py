@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import numbers
-import types
-import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from paperlib.fields import ConfigError
 from paperlib.models.base import ModelConfig, SequentialRecommender
 from paperlib.models.bert4rec import BERT4Rec, BERT4RecConfig
 from paperlib.models.gru4rec import GRU4Rec, GRU4RecConfig
@@ -73,64 +71,19 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
-def _coerce(value: Any, hint: Any, key: str, model: str) -> Any:
-    """Check ``value`` against a config field's annotation; ints are accepted for floats."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, model)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{model}: option {key!r} got an invalid value {value!r}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(hint):
-            raise ValueError(f"{model}: option {key!r} must be one of {typing.get_args(hint)}, got {value!r}")
-        return value
-    bad = ValueError(
-        f"{model}: option {key!r} must be of type {getattr(hint, '__name__', hint)}, "
-        f"got {value!r} ({type(value).__name__})"
-    )
-    if hint is bool:
-        if not isinstance(value, (bool,)):
-            raise bad
-        return bool(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise bad
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise bad
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    return value
-
-
 def config_from_dict(name: str, values: Mapping[str, Any]) -> ModelConfig:
     """Build model ``name``'s config from a dict (e.g. ``asdict(config)`` read from a checkpoint).
 
-    Missing fields take their defaults. Raises ValueError for an unknown model, an unknown option
-    (naming the valid ones) or a value of the wrong type.
+    Missing fields take their defaults. Raises ValueError (ConfigError) for an unknown model, an
+    unknown option (naming the valid ones), or a value of the wrong type or out of range.
     """
     _check_name(name)
     config_cls, _ = MODELS[name]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"{name}: unknown option(s) {unknown}; valid options are {sorted(fields)}")
-    hints = typing.get_type_hints(config_cls)
-    kwargs = {key: _coerce(value, hints[key], key, name) for key, value in values.items()}
-    return config_cls(**kwargs)
+        raise ConfigError(f"{name}: unknown option(s) {unknown}; valid options are {sorted(fields)}")
+    return config_cls(**values)
 
 
 def build_model(name: str, n_items: int, max_len: int, **overrides: Any) -> SequentialRecommender:

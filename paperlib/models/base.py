@@ -13,16 +13,19 @@ import torch
 from torch import nn
 
 from paperlib.data.sequences import TrainBatch
+from paperlib.fields import Checked, param
 from paperlib.models.losses import chunked_cross_entropy
 
 
 @dataclass
-class ModelConfig:
-    """Fields every model config has. Subclasses add their own hyper-parameters."""
+class ModelConfig(Checked):
+    """Fields every model config has. Subclasses add their own hyper-parameters, each a
+    documented, bound-checked :func:`paperlib.fields.param`; a config with a wrongly typed or
+    out-of-range value cannot be built (ConfigError)."""
 
-    n_items: int = 0  # real items; embedding rows = n_items + 1 (row 0 padding)
-    max_len: int = 200
-    hidden_size: int = 64
+    n_items: int = param(0, "real items in the catalogue (ids 1..n_items; 0 is padding)", min=1)
+    max_len: int = param(200, "longest history the model sees", min=1)
+    hidden_size: int = param(64, "size of item embeddings and hidden states", min=1)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,7 +39,8 @@ from torch import nn
 from paperlib.data.sequences import TrainBatch
 from paperlib.models.base import ModelConfig, SequentialRecommender, init_weights
 from paperlib.models.losses import chunked_cross_entropy
-from paperlib.models.sasrec import TransformerEncoder, check_transformer_config
+from paperlib.fields import param
+from paperlib.models.sasrec import TransformerEncoder, check_heads
 
 
 @dataclass
@@ -53,16 +54,19 @@ class BERT4RecConfig(ModelConfig):
     trains with 0.5: half of its batches are the next-item task of test time. 0.5 here too.
     """
 
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    inner_size: int = 256
-    hidden_dropout_prob: float = 0.2
-    attn_dropout_prob: float = 0.2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    mask_ratio: float = 0.2
-    ft_ratio: float = 0.5
+    hidden_size: int = param(64, "size of item embeddings and hidden states", min=1)
+    n_layers: int = param(2, "transformer layers", min=1)
+    n_heads: int = param(2, "attention heads (hidden_size must be a multiple)", min=1)
+    inner_size: int = param(256, "feed-forward width", min=1)
+    hidden_dropout_prob: float = param(0.2, "dropout on embeddings and layer outputs", min=0.0, below=1.0)
+    attn_dropout_prob: float = param(0.2, "dropout on attention probabilities", min=0.0, below=1.0)
+    layer_norm_eps: float = param(1e-12, "LayerNorm epsilon", min=0.0)
+    initializer_range: float = param(0.02, "std of the normal init of Linear and Embedding weights", min=0.0)
+    mask_ratio: float = param(0.2, "probability that a training item is masked and predicted", min=0.0, max=1.0)
+    ft_ratio: float = param(0.5, "probability that a batch masks only the last item of each prefix", min=0.0, max=1.0)
+
+    def validate(self) -> None:
+        check_heads(self)
 
 
 class BERT4Rec(SequentialRecommender):
@@ -73,11 +77,6 @@ class BERT4Rec(SequentialRecommender):
 
     def __init__(self, config: BERT4RecConfig):
         super().__init__()
-        check_transformer_config(config)
-        for field_name in ("mask_ratio", "ft_ratio"):
-            p = getattr(config, field_name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{field_name} must lie in [0, 1], got {p}")
         self.config = config
         d = config.hidden_size
         self.mask_token = config.n_items + 1

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from paperlib.fields import param
 from paperlib.models.base import ModelConfig, SequentialRecommender
 
 
@@ -23,10 +24,10 @@ class GRU4RecConfig(ModelConfig):
     model's output; ``gru_hidden_size`` is the GRU state size (RecBole's ``hidden_size``).
     """
 
-    hidden_size: int = 64
-    gru_hidden_size: int = 128
-    num_layers: int = 1
-    dropout_prob: float = 0.3
+    hidden_size: int = param(64, "item-embedding and output size (RecBole's embedding_size)", min=1)
+    gru_hidden_size: int = param(128, "GRU state size (RecBole's hidden_size)", min=1)
+    num_layers: int = param(1, "GRU layers", min=1)
+    dropout_prob: float = param(0.3, "dropout on the item embeddings", min=0.0, below=1.0)
 
 
 class GRU4Rec(SequentialRecommender):
@@ -37,12 +38,6 @@ class GRU4Rec(SequentialRecommender):
 
     def __init__(self, config: GRU4RecConfig):
         super().__init__()
-        if config.n_items < 1:
-            raise ValueError(f"n_items must be >= 1 (the catalogue size), got {config.n_items}")
-        if min(config.hidden_size, config.gru_hidden_size, config.num_layers, config.max_len) < 1:
-            raise ValueError("hidden_size, gru_hidden_size, num_layers and max_len must be >= 1")
-        if not 0.0 <= config.dropout_prob < 1.0:
-            raise ValueError(f"dropout_prob must lie in [0, 1), got {config.dropout_prob}")
         self.config = config
         self.item_embedding = nn.Embedding(config.n_items + 1, config.hidden_size, padding_idx=0)
         self.emb_dropout = nn.Dropout(config.dropout_prob)

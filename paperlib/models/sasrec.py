@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paperlib.fields import ConfigError, param
 from paperlib.models.base import ModelConfig, SequentialRecommender, init_weights
 
 
@@ -26,30 +27,23 @@ from paperlib.models.base import ModelConfig, SequentialRecommender, init_weight
 class SASRecConfig(ModelConfig):
     """RecBole's SASRec defaults (``SASRec.yaml``)."""
 
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    inner_size: int = 256
-    hidden_dropout_prob: float = 0.5
-    attn_dropout_prob: float = 0.5
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
+    hidden_size: int = param(64, "size of item embeddings and hidden states", min=1)
+    n_layers: int = param(2, "transformer layers", min=1)
+    n_heads: int = param(2, "attention heads (hidden_size must be a multiple)", min=1)
+    inner_size: int = param(256, "feed-forward width", min=1)
+    hidden_dropout_prob: float = param(0.5, "dropout on embeddings and layer outputs", min=0.0, below=1.0)
+    attn_dropout_prob: float = param(0.5, "dropout on attention probabilities", min=0.0, below=1.0)
+    layer_norm_eps: float = param(1e-12, "LayerNorm epsilon", min=0.0)
+    initializer_range: float = param(0.02, "std of the normal init of Linear and Embedding weights", min=0.0)
+
+    def validate(self) -> None:
+        check_heads(self)
 
 
-def check_transformer_config(config: ModelConfig) -> None:
-    """Clear errors for settings the transformer cannot be built with."""
-    if config.n_items < 1:
-        raise ValueError(f"n_items must be >= 1 (the catalogue size), got {config.n_items}")
-    if config.max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {config.max_len}")
-    if config.hidden_size < 1 or config.n_heads < 1 or config.hidden_size % config.n_heads:
-        raise ValueError(
-            f"hidden_size ({config.hidden_size}) must be a positive multiple of n_heads ({config.n_heads})"
-        )
-    for name in ("hidden_dropout_prob", "attn_dropout_prob"):
-        p = getattr(config, name)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name} must lie in [0, 1), got {p}")
+def check_heads(config: ModelConfig) -> None:
+    """hidden_size must split evenly over the attention heads."""
+    if config.hidden_size % config.n_heads:
+        raise ConfigError(f"hidden_size ({config.hidden_size}) must be a multiple of n_heads ({config.n_heads})")
 
 
 class MultiHeadAttention(nn.Module):
@@ -139,7 +133,6 @@ class SASRec(SequentialRecommender):
 
     def __init__(self, config: SASRecConfig):
         super().__init__()
-        check_transformer_config(config)
         self.config = config
         d = config.hidden_size
         self.item_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=0)

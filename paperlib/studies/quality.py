@@ -76,6 +76,8 @@ class QualityParams(StudyParams):
                              min=0)
     patience: int = param(3, "stop after more than this many epochs without a better validation NDCG@10", min=0)
     batch_size: int = param(2048, "(prefix, target) pairs per optimizer step, as RecBole's train_batch_size", min=1)
+    window_stride: int = param(0, "training targets counted per window: 0 for max_len (non-overlapping windows), "
+                               "1 for RecBole's exact prefixes (far slower)", min=0)
     eval_batch_size: int = param(1024, "users per evaluation batch", min=1)
     lr: float = param(0.001, "Adam's learning rate", min=0.0)
     max_steps_per_epoch: int = param(0, "cap on optimizer steps per epoch, 0 for none (smoke runs)", min=0)
@@ -148,7 +150,7 @@ def compute(cfg: QualityParams, progress: bool = True) -> dict:
             tc = TrainConfig(
                 epochs=cfg.epochs_ml1m if dataset == "ml-1m" and cfg.epochs_ml1m else cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, lr=cfg.lr,
                 patience=cfg.patience, seed=seed, device=cfg.device,
-                max_steps_per_epoch=cfg.max_steps_per_epoch or None,
+                max_steps_per_epoch=cfg.max_steps_per_epoch or None, window_stride=cfg.window_stride or None,
             )
             # one key per exact setting and training code: a resumed run never continues a different
             # configuration, nor checkpoints written by other model or trainer code
