@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,14 +82,27 @@ def execute(
     params[EXPLICIT] = sorted(overrides)
     out = Path(executed_path) if executed_path else paths.build_dir() / "notebooks" / f"{study.notebook}.{preset}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _kernel_env(), warnings.catch_warnings():
-        # the list of explicit names is not a declared parameter; papermill would warn about it
-        warnings.filterwarnings("ignore", message=f"Passed unknown parameter: {EXPLICIT}")
-        pm.execute_notebook(
-            str(study.path), str(out), parameters=params, kernel_name=KERNEL_NAME,
-            cwd=str(paths.notebooks_dir()), progress_bar=progress, log_output=log_output,
-        )
+    papermill_log = logging.getLogger("papermill")
+    quiet = _DropMessage(f"Passed unknown parameter: {EXPLICIT}")  # not a declared parameter, by design
+    papermill_log.addFilter(quiet)
+    try:
+        with _kernel_env():
+            pm.execute_notebook(
+                str(study.path), str(out), parameters=params, kernel_name=KERNEL_NAME,
+                cwd=str(paths.notebooks_dir()), progress_bar=progress, log_output=log_output,
+            )
+    finally:
+        papermill_log.removeFilter(quiet)
     return out
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message
 
 
 def render_committed(name: str, timeout: int = 600) -> Path:
