@@ -37,6 +37,7 @@ from paperlib.llm import (
     sample_targets,
     score_candidates,
     smollm2_gguf_path,
+    top_k,
     train_orpo,
     train_sft,
 )
@@ -373,14 +374,26 @@ def test_orpo_steps_change_weights_and_raise_preference_accuracy(builder, toy):
     assert "model" not in result.to_dict() and result.to_dict()["config"]["learning_rate"] == 1e-2
 
 
+def test_prompt_too_long_for_max_length_is_refused(tiny, builder, toy):
+    pairs = build_pairs(toy, builder, PairConfig(), users=range(2))
+    with pytest.raises(ValueError, match="raise TrainConfig.max_length"):
+        train_orpo(tiny, pairs, TrainConfig(max_steps=1, batch_size=2, max_length=40))
+    with pytest.raises(ValueError, match="raise TrainConfig.max_length"):
+        train_sft(tiny, pairs, TrainConfig(max_steps=1, batch_size=2, max_length=40))
+
+
 def test_sft_baseline_same_budget(builder, toy):
-    lm = fresh_tiny()
     pairs = build_pairs(toy, builder, PairConfig(), users=range(8))
+    config = TrainConfig(max_steps=2, batch_size=4, learning_rate=1e-2, max_length=256)
+    lm = fresh_tiny()
     before = lm.model.model.embed_tokens.weight.clone()
-    result = train_sft(lm, pairs, TrainConfig(max_steps=2, batch_size=4, learning_rate=1e-2, max_length=256))
-    assert result.method == "sft" and result.steps == 2 and result.examples == 8
-    assert len(result.curves["loss"]) == 2
+    sft = train_sft(lm, pairs, config)
+    assert sft.method == "sft" and sft.steps == 2 and sft.examples == 8
+    assert len(sft.curves["loss"]) == 2
     assert not torch.equal(before, lm.model.model.embed_tokens.weight)
+    # same first batch and same tokens as ORPO's NLL term: the runs differ only by the odds-ratio term
+    orpo = train_orpo(fresh_tiny(), pairs, config)
+    assert sft.curves["loss"][0] == pytest.approx(orpo.curves["nll_loss"][0], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,3 +440,19 @@ def test_rank_sampled_and_rerank(tiny, builder, toy):
     assert reranked.metrics["hr@10"] == pytest.approx(float(reranked.ranks[0] <= 10) / 6)
     with pytest.raises(ValueError, match="one row per evaluation prompt"):
         rerank(tiny.model, tiny.tokenizer, prompts, builder.titles, top[:3])
+
+
+def test_top_k_of_a_sequential_model(toy):
+    seen = []
+
+    def score(items, lengths):  # prefers high item ids; padding column would win if not excluded
+        seen.append((items, lengths))
+        out = torch.arange(N_ITEMS + 1, dtype=torch.float).expand(items.shape[0], -1).clone()
+        out[:, 0] = 1e9
+        return out
+
+    top = top_k(score, toy, users=[0, 3, 5], k=20, batch_size=2)
+    assert top.shape == (3, 20) and (top == np.arange(N_ITEMS, N_ITEMS - 20, -1)).all()
+    items, lengths = seen[0]
+    assert lengths.tolist() == [len(toy.sequences[0]) - 1, len(toy.sequences[3]) - 1], "test history: all but the test item"
+    assert (items[0, : lengths[0]].numpy() == toy.sequences[0][:-1]).all()

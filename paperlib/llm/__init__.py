@@ -19,6 +19,8 @@ Typical use::
     prompts = llm.build_eval_prompts(data, builder, users=range(500))
     result = llm.rank_sampled(lm.model, lm.tokenizer, data, prompts, titles)
     result.metrics                                        # hr@1, hr@5, ndcg@5, hr@10, ndcg@10, ...
+    top = llm.top_k(mamba4rec.score, data, prompts.users, k=20)  # a trained sequential model's list
+    reranked = llm.rerank(lm.model, lm.tokenizer, prompts, titles, top)
 """
 
 from paperlib.llm.models import (
@@ -58,6 +60,7 @@ from paperlib.llm.ranking import (
     rank_sampled,
     rerank,
     score_candidates,
+    top_k,
 )
 
 __all__ = [
@@ -93,6 +96,7 @@ __all__ = [
     "score_candidates",
     "smollm2_gguf_path",
     "smollm2_tokenizer",
+    "top_k",
     "train_orpo",
     "train_sft",
 ]

@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class LLMConfig:
         lora_target_modules: modules that get adapters; ``"all-linear"`` is every linear layer but
             the output head (peft's shorthand).
         tiny: size of the tiny model (used only when ``source == "tiny"``).
+        device: where the model is put; ``None`` means "cuda" when a GPU is present, else "cpu".
     """
 
     source: str = "smollm2"
@@ -72,9 +74,13 @@ class LLMConfig:
     lora_dropout: float = 0.05
     lora_target_modules: str | list[str] = "all-linear"
     tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
+    device: str | None = None
 
     def use_lora(self) -> bool:
         return (not torch.cuda.is_available()) if self.lora is None else self.lora
+
+    def resolved_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @dataclass
@@ -226,7 +232,10 @@ def add_lora(model: PreTrainedModel, config: LLMConfig) -> PeftModel:
         target_modules=config.lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 reads a property that transformers 5 renamed; the warning is theirs, not ours
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def load_llm(config: LLMConfig | None = None) -> LoadedLM:
@@ -253,7 +262,7 @@ def load_llm(config: LLMConfig | None = None) -> LoadedLM:
         tokenizer.pad_token = tokenizer.eos_token
     if config.use_lora():
         model = add_lora(model, config)
-    model.eval()
+    model.to(config.resolved_device()).eval()
     return LoadedLM(
         model=model,
         tokenizer=tokenizer,

@@ -37,6 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 from paperlib.llm.models import LoadedLM
 from paperlib.llm.pairs import Pair, PairSet
+from paperlib.llm.prompts import encode_prompt
 
 #: Training-log keys kept as curves (ORPO logs all of them; SFT logs loss and learning rate).
 CURVE_KEYS = (
@@ -178,7 +179,20 @@ def preference_dataset(pairs: PairSet | Sequence[Pair] | Dataset) -> Dataset:
 def orpo_trainer(lm: LoadedLM, pairs: PairSet | Sequence[Pair] | Dataset, config: TrainConfig, output_dir: str) -> ORPOTrainer:
     """TRL's ORPO trainer for ``lm`` on ``pairs`` (the tokenizer is passed, so nothing is fetched)."""
     args = ORPOConfig(beta=config.beta, remove_unused_columns=False, **_common_args(lm, config, output_dir))
-    return ORPOTrainer(model=lm.model, args=args, train_dataset=preference_dataset(pairs), processing_class=lm.tokenizer)
+    trainer = ORPOTrainer(model=lm.model, args=args, train_dataset=preference_dataset(pairs), processing_class=lm.tokenizer)
+    _check_fits(trainer.train_dataset["prompt_input_ids"], config.max_length)
+    return trainer
+
+
+def _check_fits(prompts: list[list[int]], max_length: int, room: int = 8) -> None:
+    """TRL cuts answers that do not fit ``max_length`` after their prompt, down to nothing: refuse
+    prompts that leave fewer than ``room`` tokens for the answer."""
+    longest = max((len(p) for p in prompts), default=0)
+    if longest > max_length - room:
+        raise ValueError(
+            f"a prompt of {longest} tokens leaves no room for its answer within max_length={max_length}: raise "
+            f"TrainConfig.max_length or build shorter prompts (PromptConfig.max_prompt_tokens, n_recent)"
+        )
 
 
 def _curves(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -223,6 +237,7 @@ def train_sft(lm: LoadedLM, pairs: PairSet | Sequence[Pair] | Dataset, config: T
     config = config or TrainConfig()
     data = preference_dataset(pairs)
     data = Dataset.from_dict({"prompt": data["prompt"], "completion": data["chosen"]})
+    _check_fits([encode_prompt(lm.tokenizer, p) for p in data["prompt"]], config.max_length)
     with tempfile.TemporaryDirectory(prefix="sft-") as tmp:
         args = SFTConfig(completion_only_loss=config.sft_completion_only, **_common_args(lm, config, tmp))
         trainer = SFTTrainer(model=lm.model, args=args, train_dataset=data, processing_class=lm.tokenizer)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from paperlib.data.sequences import SequentialData
-from paperlib.llm.pairs import EvalPrompts, Pair, PairSet
+from paperlib.data.sequences import SequentialData, pad_right
+from paperlib.llm.pairs import EvalPrompts, Pair, PairSet, ScoreFn
 from paperlib.llm.prompts import Titles, encode_prompt
 from paperlib.metrics import metrics_from_ranks, sample_negatives, sampled_ranks
 
@@ -96,7 +96,8 @@ def score_candidates(
     answers = [answer_ids(tokenizer, c) for c in candidates]
     scores = []
     if use_cache:
-        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+        # logits_to_keep=1: only the prompt's last position predicts anything we score
+        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
         prompt_cache, last_logits = out.past_key_values, out.logits[:, -1:]  # (1, 1, V): predicts token 0
     for start in range(0, len(answers), batch_size):
         ids, mask = _pad(answers[start : start + batch_size], pad_id)  # (n, L)
@@ -216,6 +217,34 @@ def _ranks(table: np.ndarray, true_col: np.ndarray) -> np.ndarray:
     return ranks
 
 
+@torch.no_grad()
+def top_k(
+    score: ScoreFn, data: SequentialData, users: Sequence[int], k: int = 20, batch_size: int = 256
+) -> np.ndarray:
+    """Each user's top-``k`` items by a trained sequential model after the test history (every
+    item but the test one), for ``rerank``. Padding is never returned; history items are not
+    masked (the project's full-ranking protocol).
+
+    Args:
+        score: ``score(items (B, L), lengths (B,)) -> (B, n_items + 1)``, e.g. ``Mamba4Rec.score``.
+        users: row indices into ``data.sequences``, e.g. ``EvalPrompts.users``.
+
+    Returns:
+        (U, k) item ids, best first.
+    """
+    rows = []
+    users = list(users)
+    for start in range(0, len(users), batch_size):
+        histories = [data.sequences[u][:-1] for u in users[start : start + batch_size]]
+        items, lengths = pad_right(histories, data.max_len)
+        scores = score(items, lengths).float().cpu()
+        if scores.shape != (len(histories), data.n_items + 1):
+            raise ValueError(f"score returned {tuple(scores.shape)}; expected ({len(histories)}, {data.n_items + 1})")
+        scores[:, 0] = float("-inf")  # padding is not an item
+        rows.append(scores.topk(k, dim=1).indices)
+    return torch.cat(rows).numpy() if rows else np.empty((0, k), dtype=np.int64)
+
+
 def rank_sampled(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -273,8 +302,8 @@ def rerank(
     """Re-rank each user's top-K list from a sequential model by the LM's scores.
 
     Args:
-        top: (U, K) item ids, one row per user of ``prompts`` in the same order (e.g. the top-20 of
-            ``Mamba4Rec.score`` for the same test histories).
+        top: (U, K) item ids, one row per user of ``prompts`` in the same order, e.g.
+            ``top_k(mamba4rec.score, data, prompts.users, 20)``.
 
     A true item outside its list is a miss (rank K + 1); untitled items in a list get score −inf.
     """
