@@ -30,7 +30,8 @@ from paperlib.llm.prompts import Prompt, PromptBuilder, Titles
 
 STRATEGIES = ("uniform", "popularity", "hard")
 
-#: ``score(items, lengths)``: right-padded histories (B, L) and lengths (B,) -> scores (B, n_items + 1).
+#: ``score(items, lengths)``: right-padded histories (B, L) and lengths (B,), CPU LongTensors, ->
+#: scores (B, n_items + 1). For a model on a GPU: ``lambda i, n: model.score(i.to(dev), n.to(dev))``.
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
