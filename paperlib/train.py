@@ -78,6 +78,10 @@ class TrainConfig(Checked):
     window_stride: int | None = param(None, "targets between training windows over long histories; None = max_len "
                                       "(non-overlapping), 1 = every target with its full max_len history", min=1)
     record_steps: bool = param(False, "keep one record per optimizer step (batch size, step size, examples, time)")
+    eval_every_pairs: int | None = param(None, "validate (and checkpoint, and count patience) after this many "
+                                         "training pairs instead of after each pass over the data", min=1)
+    gradient_groups: int = param(1, "compute each step's gradient as the mean of this many micro-batch "
+                                 "gradients, kept for batch-size tests (1: one backward pass)", min=1)
     ks: tuple[int, ...] = param(DEFAULT_KS, "cut-offs K of the reported metrics", min=1)
     device: str = param("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
     checkpoint_dir: str | None = param(None, "folder for last.pt / best.pt; None writes no checkpoints")
@@ -103,7 +107,8 @@ class FitResult:
     """What ``fit`` returns (plain values only, ready for a results JSON).
 
     Attributes:
-        history: one dict per epoch: ``epoch``, ``train_loss`` (mean over steps), ``steps``,
+        history: one dict per epoch (a pass over the training data, or ``eval_every_pairs`` pairs):
+            ``epoch``, ``train_loss`` (mean over steps), ``steps``,
             ``pairs`` (targets trained on), ``train_seconds``, ``eval_seconds``, ``seconds``,
             ``valid`` (metric dict), ``improved``.
         steps: one dict per optimizer step when ``record_steps`` (else empty): ``epoch``, ``step``,
@@ -347,6 +352,7 @@ class Trainer:
         self.train_seconds = 0.0  # training time so far (evaluation excluded)
         self.best_valid: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.gradients = None  # the last step's micro-batch gradients (gradient_groups > 1)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> FitResult:
@@ -409,20 +415,22 @@ class Trainer:
         return entry
 
     def train_epoch(self, epoch: int) -> tuple[list[float], int]:
-        """The training steps of one epoch; returns the step losses and the pairs trained on."""
+        """The training steps of one epoch: a pass over the data, or ``eval_every_pairs`` pairs
+        (passes continue across such epochs). Returns the step losses and the pairs trained on."""
         self.model.train()
-        cap = self.config.max_steps_per_epoch
-        total = min(self.loader.steps_estimate(), cap) if cap else self.loader.steps_estimate()
+        cap, period = self.config.max_steps_per_epoch, self.config.eval_every_pairs
+        total = math.ceil(period / self.loader.batch_size) if period else self.loader.steps_estimate()
         losses, pairs = [], 0
-        batches = iter(self.loader)
-        with tqdm(total=total, desc=f"{self.name} epoch {epoch}", disable=not self.progress, leave=False,
-                  dynamic_ncols=True) as bar:
-            while cap is None or len(losses) < cap:
+        with tqdm(total=min(total, cap) if cap else total, desc=f"{self.name} epoch {epoch}",
+                  disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
+            while (cap is None or len(losses) < cap) and (period is None or pairs < period):
                 for cb in self.callbacks:
                     cb.before_step(self)  # may change self.loader.batch_size for the next batch
-                batch = next(batches, None)
-                if batch is None:
-                    break
+                batch = self.loader.next_batch()
+                if batch is None:  # the pass is over: the epoch too, unless epochs count pairs
+                    if period is None:
+                        break
+                    continue
                 t0 = time.perf_counter()
                 loss = self.train_step(batch, epoch, len(losses) + 1)
                 _sync(self.device)
@@ -445,8 +453,7 @@ class Trainer:
             loss.backward()
             return loss
 
-        loss = closure()
-        value = loss.item()
+        value = self._gradients(batch) if self.config.gradient_groups > 1 else closure().item()
         if not math.isfinite(value):
             kept = (f"the checkpoints of epoch {self.epoch} are kept in {self.checkpoint_dir}"
                     if self.checkpoint_dir is not None and self.epoch > 0 else "no checkpoint was written")
@@ -459,6 +466,19 @@ class Trainer:
         else:
             self.optimizer.step()
         return value
+
+    def _gradients(self, batch: TrainBatch) -> float:
+        """The batch's mean gradient as the pair-weighted mean of ``gradient_groups`` micro-batch
+        gradients (about one backward pass of compute), put into ``p.grad``; the rows are kept in
+        ``self.gradients`` for batch-size tests. Returns the batch's mean loss."""
+        from paperlib.adaptive.grads import group_gradients, set_flat_grad
+
+        groups = batch.split(min(self.config.gradient_groups, batch.items.shape[0]))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.gradients = group_gradients(params, self.model.loss, groups, sizes=[g.n_pairs for g in groups])
+        self.optimizer.zero_grad(set_to_none=True)
+        set_flat_grad(params, self.gradients.mean)
+        return self.gradients.loss
 
     def validate(self) -> dict[str, float]:
         """Validation metrics, with the optimizer's evaluation weights where it has them."""
@@ -515,7 +535,7 @@ class Trainer:
             "steps": self.steps,
             "examples": self.examples,
             "train_seconds": self.train_seconds,
-            "batch_size": self.loader.batch_size,
+            "loader": self.loader.state_dict(),
             "stopping": asdict(self.stopping),
             "best_valid": self.best_valid,
             "best_state": self.best_state,
@@ -543,7 +563,8 @@ class Trainer:
             raise ValueError(f"{path}: model config differs from the checkpoint's (checkpoint, given): {diff}")
         stored = ckpt.get("train_config", {})
         changed = [k for k in ("batch_size", "lr", "weight_decay", "seed", "max_steps_per_epoch", "valid_metric",
-                               "window_stride") if k in stored and stored[k] != getattr(self.config, k)]
+                               "window_stride", "eval_every_pairs", "gradient_groups")
+                   if k in stored and stored[k] != getattr(self.config, k)]
         if changed:
             logger.warning("resuming %s with different %s: the run will not match an uninterrupted one", path, changed)
         if len(ckpt["callbacks"]) != len(self.callbacks):
@@ -554,7 +575,7 @@ class Trainer:
         _set_rng_state(ckpt["rng"], self.generator)
         self.epoch, self.history, self.steps = ckpt["epoch"], list(ckpt["history"]), list(ckpt["steps"])
         self.examples, self.train_seconds = ckpt["examples"], ckpt["train_seconds"]
-        self.loader.batch_size = ckpt["batch_size"]
+        self.loader.load_state_dict(ckpt["loader"])
         self.stopping = EarlyStopping(**ckpt["stopping"])
         self.stopping.patience = self.config.patience
         self.best_valid, self.best_state = dict(ckpt["best_valid"]), ckpt["best_state"]

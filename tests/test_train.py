@@ -178,7 +178,7 @@ def test_checkpoints_are_weights_only_and_reload(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"last.pt", "best.pt"}
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     for key in ("model_state", "optimizer_state", "rng", "epoch", "history", "best_state", "stopping",
-                "model_config", "model_name", "train_config", "callbacks", "examples", "batch_size"):
+                "model_config", "model_name", "train_config", "callbacks", "examples", "loader"):
         assert key in last, key
     assert last["model_name"] == "gru4rec" and last["model_config"]["gru_hidden_size"] == 16
     best = torch.load(tmp_path / "best.pt", weights_only=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,6 +137,14 @@ class TrainBatch:
         """(prefix, target) pairs in the batch, as RecBole counts its ``train_batch_size``."""
         return int(self.counted.sum())
 
+    def split(self, m: int) -> list["TrainBatch"]:
+        """The batch's rows (windows) in ``m`` consecutive groups of nearly equal size."""
+        if not 1 <= m <= self.items.shape[0]:
+            raise ValueError(f"cannot split {self.items.shape[0]} windows into {m} groups (need 1 <= m <= windows)")
+        parts = [torch.tensor_split(t, m) if t is not None else [None] * m
+                 for t in (self.items, self.targets, self.lengths, self.loss_mask)]
+        return [TrainBatch(*(p[j] for p in parts)) for j in range(m)]
+
     def to(self, device: torch.device | str) -> "TrainBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TrainBatch(move(self.items), move(self.targets), move(self.lengths), move(self.loss_mask))
@@ -215,17 +224,21 @@ def training_windows(data: SequentialData, stride: int | None = None) -> Windows
 
 
 class TrainLoader:
-    """One epoch of all-position batches over the windows of ``data``, in a shuffled order.
+    """Batches of windows in shuffled passes over the training data.
 
     ``batch_size`` counts (prefix, target) pairs, as RecBole's ``train_batch_size`` does: windows
-    are taken in order until the next one would push the batch over ``batch_size`` targets, so an
-    epoch has about ``count_pairs / batch_size`` steps (RecBole's update count; a window is never
+    are taken in order until the next one would push the batch over ``batch_size`` targets, so a
+    pass has about ``count_pairs / batch_size`` steps (RecBole's update count; a window is never
     split). ``batch_size`` may be changed between steps (an adaptive batch-size policy sets it);
-    the next batch is formed with the new value, without restarting the epoch.
+    the next batch is formed with the new value, without restarting the pass.
+
+    Iterating gives one whole pass. :meth:`next_batch` instead continues the current pass across
+    calls (the trainer's evaluation periods may end inside a pass); :meth:`state_dict` holds the
+    pass's order and position, so a resumed run continues exactly.
 
     Args:
         data: the dataset.
-        batch_size: target pairs per batch; None puts the whole epoch in one batch.
+        batch_size: target pairs per batch; None puts the whole pass in one batch.
         generator: shuffles the windows (the trainer checkpoints its state for exact resume).
         shuffle: False keeps the windows in user order.
         stride: see :class:`Windows` (default ``max_len``).
@@ -241,6 +254,8 @@ class TrainLoader:
         self.generator = generator
         self.shuffle = shuffle
         self.batch_size = self.n_pairs if batch_size is None else batch_size
+        self._order: np.ndarray | None = None  # the current pass's window order; None between passes
+        self._pos = 0
 
     @property
     def batch_size(self) -> int:
@@ -264,22 +279,42 @@ class TrainLoader:
         self._batch_size = int(value)
 
     def steps_estimate(self) -> int:
-        """Steps in an epoch at the current batch size (exact up to the packing of whole windows)."""
+        """Steps in a pass at the current batch size (exact up to the packing of whole windows)."""
         return math.ceil(self.n_pairs / self.batch_size)
 
+    def next_batch(self) -> TrainBatch | None:
+        """The next batch of the current pass; None once the pass is over (the call after that
+        starts a new shuffled pass)."""
+        n = len(self.windows)
+        if self._order is None:
+            self._order = torch.randperm(n, generator=self.generator).numpy() if self.shuffle else np.arange(n)
+            self._pos = 0
+        if self._pos >= n:
+            self._order = None
+            return None
+        counts = self.windows.n_targets
+        start, stop, total = self._pos, self._pos, 0
+        while stop < n and total + counts[self._order[stop]] <= self.batch_size:
+            total += counts[self._order[stop]]
+            stop += 1
+        self._pos = stop
+        return self._batch(self._order[start:stop])
+
     def __iter__(self) -> Iterator[TrainBatch]:
-        w = self.windows
-        n = len(w)
-        order = torch.randperm(n, generator=self.generator).numpy() if self.shuffle else np.arange(n)
-        counts = w.n_targets
-        pos = 0
-        while pos < n:
-            stop, total = pos, 0
-            while stop < n and total + counts[order[stop]] <= self.batch_size:
-                total += counts[order[stop]]
-                stop += 1
-            yield self._batch(order[pos:stop])
-            pos = stop
+        """One whole pass, from its start."""
+        self._order = None
+        while (batch := self.next_batch()) is not None:
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pass in progress: order and position (tensors and ints), and the batch size."""
+        order = None if self._order is None else torch.from_numpy(self._order.copy())
+        return {"order": order, "pos": self._pos, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._order = None if state["order"] is None else state["order"].numpy()
+        self._pos = int(state["pos"])
+        self.batch_size = int(state["batch_size"])
 
     def _batch(self, idx: np.ndarray) -> TrainBatch:
         w, seqs = self.windows, self.data.sequences
