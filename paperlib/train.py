@@ -115,7 +115,9 @@ class FitResult:
             ``batch_size`` (pairs), ``sequences``, ``step_size``, ``examples`` (pairs seen so
             far), ``seconds`` (training time so far), ``loss``.
         best_epoch, best_valid: the epoch whose weights were kept and its validation metrics.
-        test: test metrics of the restored best model.
+        test: test metrics of the restored best model (RecBole's protocol: seen items stay ranked).
+        test_seen_removed: the same with the user's seen items removed from the ranking (the
+            protocol of several SASRec papers; a labelled extra, not comparable with ``test``).
         wall_seconds: wall time of this call (a resumed run counts from the resume).
         stopped_early: True if the patience ran out before ``epochs``.
     """
@@ -132,6 +134,7 @@ class FitResult:
     device: str
     pairs_per_epoch: int = 0
     steps: list[dict[str, Any]] = field(default_factory=list)
+    test_seen_removed: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,21 +243,32 @@ def evaluate(
     batch_size: int = 4096,
     ks: Sequence[int] = DEFAULT_KS,
     device: str | torch.device | None = None,
+    exclude_seen: bool = False,
 ) -> dict[str, float]:
     """Full-ranking HR/NDCG/MRR@K of ``split`` ("valid" or "test"): each user's history is scored
-    against the whole catalogue with ``model.score`` (padding excluded, seen items not masked).
+    against the whole catalogue with ``model.score`` (padding excluded, seen items not masked, as
+    RecBole does for sequential models).
+
+    ``exclude_seen=True`` also removes every item of the user's whole history from the ranking:
+    the protocol of several SASRec papers, not RecBole's, and not comparable with it (it is an
+    easier task on datasets without repeats, such as MovieLens).
 
     Returns:
         ``{"hr@5": …, "ndcg@5": …, "mrr@5": …, …}`` averaged over users.
     """
     _check_compatible(model, data)
     device = torch.device(device) if device is not None else _model_device(model)
+    histories = data.eval_examples(split)[0] if exclude_seen else None
     was_training = model.training
     model.eval()
     acc = RankingAccumulator(ks)
     try:
         for batch in eval_batches(data, split, batch_size):
             scores = model.score(batch.items.to(device), batch.lengths.to(device))
+            if histories is not None:
+                seen = [torch.from_numpy(histories[u]) for u in batch.users.tolist()]
+                rows = torch.repeat_interleave(torch.arange(len(seen)), torch.tensor([len(h) for h in seen]))
+                scores[rows.to(device), torch.cat(seen).to(device)] = float("-inf")
             acc.add(scores, batch.targets.to(device))
     finally:
         model.train(was_training)
@@ -379,12 +393,14 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         test = evaluate(self.model, self.data, "test", self.config.eval_batch_size, self.config.ks, self.device)
+        test_seen_removed = evaluate(self.model, self.data, "test", self.config.eval_batch_size, self.config.ks,
+                                     self.device, exclude_seen=True)
         logger.info("%s: test %s", self.name, ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         return FitResult(
             model_name=self.name, model_config=self.model_cfg, train_config=self.config.to_dict(),
             history=self.history, best_epoch=self.stopping.best_epoch, best_valid=dict(self.best_valid), test=test,
             wall_seconds=time.perf_counter() - started, stopped_early=self.stopping.stopped, device=str(self.device),
-            pairs_per_epoch=self.loader.n_pairs, steps=self.steps,
+            pairs_per_epoch=self.loader.n_pairs, steps=self.steps, test_seen_removed=test_seen_removed,
         )
 
     def run_epoch(self) -> dict[str, Any]:

@@ -227,9 +227,9 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, monkeypatch):
     # RecBole's rule: a tie counts as an improvement; stop after more than `patience` bad epochs
     scripted = [0.1, 0.3, 0.3, 0.2, 0.2, 0.9, 0.9]
 
-    def fake_evaluate(model, data, split, batch_size=4096, ks=(5, 10, 20), device=None):
+    def fake_evaluate(model, data, split, batch_size=4096, ks=(5, 10, 20), device=None, exclude_seen=False):
         if split == "test":
-            return real_evaluate(model, data, split, batch_size, ks, device)
+            return real_evaluate(model, data, split, batch_size, ks, device, exclude_seen)
         value = scripted.pop(0)
         return {f"{m}@{k}": value for m in METRIC_NAMES for k in ks}
 
@@ -285,3 +285,23 @@ def test_progress_bar_switches(monkeypatch, capsys):
     assert "gru4rec epoch 1" in capsys.readouterr().err
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert not progress_enabled(True)
+
+
+def test_exclude_seen_removes_every_history_item_from_the_ranking():
+    table = torch.tensor([
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 0.9, 0.4, 0.1, 0.3],  # after item 1
+        [0.0, 0.1, 0.9, 0.8, 0.5],  # after item 2
+        [0.0, 0.3, 0.8, 0.9, 0.6],  # after item 3
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+    ])
+    data = SequentialData(name="hand", n_items=4, max_len=5,
+                          sequences=[np.array(s) for s in ([1, 2, 3, 4], [4, 1, 2, 3], [3, 3, 2, 1])])
+    # test histories ..3 → 4, ..2 → 3, ..2 → 1; seen items removed: user 0 has {1,2,3} removed,
+    # so item 4 ranks first; user 1 {4,1,2}: 3 first; user 2 {3,2}: 4 (0.5) above 1 (0.1): rank 2
+    removed = evaluate(LastItemScorer(table), data, "test", batch_size=2, ks=(1, 2), exclude_seen=True)
+    assert removed["hr@1"] == pytest.approx(2 / 3) and removed["hr@2"] == pytest.approx(1.0)
+    plain = evaluate(LastItemScorer(table), data, "test", batch_size=2, ks=(1, 2))
+    # without removal: user 0: 4 (0.6) below 3 (0.9) and 2 (0.8): rank 3; user 1: 3 (0.8) below 2: 2;
+    # user 2: 1 (0.1) is last of 4: rank 4
+    assert plain["hr@1"] == 0.0 and plain["hr@2"] == pytest.approx(1 / 3)

@@ -32,27 +32,28 @@ DISPLAY = {"gru4rec": "GRU4Rec", "sasrec": "SASRec", "bert4rec": "BERT4Rec", "ma
 #: Mamba4Rec's reported dropout on the Amazon datasets (0.2 on MovieLens), REFERENCES.md
 AMAZON_MAMBA_DROPOUT = 0.4
 
-#: Published figures to compare with: not our results. Each names its source; ``comparable`` says
-#: whether its protocol is the one here (RecBole: full ranking, seen items not masked).
+#: Published figures to compare with: not our results. Each names its source and its protocol:
+#: "recbole" (full ranking, seen items stay ranked: the protocol here) or "seen removed" (full
+#: ranking without the user's seen items, compared with our ``test_seen_removed``).
 PUBLISHED: list[dict[str, Any]] = [
     {"dataset": "ml-1m", "model": "Mamba4Rec", "hr@10": 0.3121, "ndcg@10": 0.1822, "mrr@10": 0.1425,
      "source": "Mamba4Rec paper (Liu et al. 2024, arXiv:2403.03900), as quoted in "
-               "github.com/chengkai-liu/Mamba4Rec/issues/1", "comparable": True},
+               "github.com/chengkai-liu/Mamba4Rec/issues/1", "protocol": "recbole"},
     {"dataset": "ml-1m", "model": "Mamba4Rec", "hr@10": 0.3169, "ndcg@10": None, "mrr@10": None,
-     "source": "a rerun of the official code, github.com/AlwaysFHao/TiM4Rec/issues/1", "comparable": True},
+     "source": "a rerun of the official code, github.com/AlwaysFHao/TiM4Rec/issues/1", "protocol": "recbole"},
     {"dataset": "ml-1m", "model": "Mamba4Rec (n_layers=2)", "hr@10": 0.3253, "ndcg@10": None, "mrr@10": None,
      "source": "TiM4Rec's rerun of the official code with 2 layers, github.com/AlwaysFHao/TiM4Rec/issues/1",
-     "comparable": True},
+     "protocol": "recbole"},
     {"dataset": "amazon-beauty", "model": "Mamba4Rec", "hr@10": 0.0734, "ndcg@10": 0.0431, "mrr@10": 0.034,
      "source": "a rerun of the official code (1 layer, dropout 0.4), "
-               "github.com/chengkai-liu/Mamba4Rec/issues/8", "comparable": True},
+               "github.com/chengkai-liu/Mamba4Rec/issues/8", "protocol": "recbole"},
     {"dataset": "ml-1m", "model": "SASRec", "hr@10": 0.3152, "ndcg@10": 0.1821, "mrr@10": None,
      "source": "Klenitskiy & Vasilev 2023 (SASRec+ with full-softmax CE), "
                "github.com/antklen/sasrec-bert4rec-recsys23; seen items removed from the ranking",
-     "comparable": False},
+     "protocol": "seen removed"},
     {"dataset": "ml-1m", "model": "BERT4Rec", "hr@10": 0.2843, "ndcg@10": 0.1537, "mrr@10": None,
      "source": "Klenitskiy & Vasilev 2023, github.com/antklen/sasrec-bert4rec-recsys23; seen items "
-               "removed from the ranking", "comparable": False},
+               "removed from the ranking", "protocol": "seen removed"},
 ]
 #: what could not be found, said in the notebook
 NOT_FOUND = ("The Mamba4Rec paper's own table for Amazon Beauty and Video Games and for its baselines "
@@ -219,9 +220,10 @@ def runs_frame(doc: dict) -> pd.DataFrame:
     rows = []
     for r in doc["results"]["runs"]:
         # seconds summed over epochs, so a resumed run counts its whole training
+        seen_removed = (r.get("test_seen_removed") or {}).get("ndcg@10", float("nan"))
         rows.append({"dataset": r["dataset"], "model": r["label"], "seed": r["seed"], "best_epoch": r["best_epoch"],
                      "epochs": len(r["history"]), "seconds": round(sum(h["seconds"] for h in r["history"]), 1),
-                     **r["test"]})
+                     **r["test"], "ndcg@10 seen removed": seen_removed})
     return pd.DataFrame(rows)
 
 
@@ -263,32 +265,38 @@ def table2_numeric(doc: dict) -> pd.DataFrame:
     return agg.reindex(_sorted_index(agg, list(dict.fromkeys(df["dataset"]))))
 
 
-def _means(doc: dict | None) -> pd.DataFrame:
+def _means(doc: dict | None, protocol: str = "recbole") -> pd.DataFrame:
+    """Mean test metrics @10 (and epochs run) per (dataset, model) under ``protocol``."""
+    cols = ["hr@10", "ndcg@10", "mrr@10"]
     if doc is None:
-        return pd.DataFrame(columns=["hr@10", "ndcg@10", "mrr@10", "epochs"])
-    df = runs_frame(doc)
-    return df.groupby(["dataset", "model"], sort=False)[["hr@10", "ndcg@10", "mrr@10", "epochs"]].mean()
+        return pd.DataFrame(columns=cols + ["epochs"])
+    rows = []
+    for r in doc["results"]["runs"]:
+        test = r["test"] if protocol == "recbole" else r.get("test_seen_removed") or {}
+        rows.append({"dataset": r["dataset"], "model": r["label"], "epochs": len(r["history"]),
+                     **{c: test.get(c, float("nan")) for c in cols}})
+    return pd.DataFrame(rows).groupby(["dataset", "model"], sort=False)[cols + ["epochs"]].mean()
 
 
 def compare_published(doc: dict, full: dict | None = None) -> pd.DataFrame:
     """Our test metrics beside every published figure for the same dataset and model: the quick
     run, the full-length run (``full``, the ``paper`` preset) where there is one, and the gap
     ``ours / published - 1`` of the longest run we have."""
-    quick, long = _means(doc), _means(full)
     rows = []
     for ref in PUBLISHED:
+        quick, long = _means(doc, ref["protocol"]), _means(full, ref["protocol"])
         for m in ("hr@10", "ndcg@10", "mrr@10"):
             if ref[m] is None:
                 continue
             key = (ref["dataset"], ref["model"])
-            q = quick[m].get(key) if key in quick.index else None
-            f = long[m].get(key) if key in long.index else None
+            q = quick[m].get(key) if key in quick.index and np.isfinite(quick[m].get(key)) else None
+            f = long[m].get(key) if key in long.index and np.isfinite(long[m].get(key)) else None
             best = f if f is not None else q
             rows.append({"dataset": ref["dataset"], "model": ref["model"], "metric": m.upper(),
                          "published": ref[m], "quick": None if q is None else round(q, 4),
                          "full run": None if f is None else round(f, 4),
                          "gap (%)": None if best is None else round(100 * (best / ref[m] - 1), 1),
-                         "same protocol": "yes" if ref["comparable"] else "no (seen items removed)",
+                         "protocol": ref["protocol"],
                          "source": ref["source"]})
     return pd.DataFrame(rows).set_index(["dataset", "model", "metric"])
 
@@ -324,12 +332,12 @@ def summary(doc: dict, full: dict | None = None) -> str:
             lines.append(f"- **{dataset}, {label} run** (test NDCG@10): {order} (epochs run: {epochs}).")
     cmp = compare_published(doc, full)
     for (dataset, model, metric), row in cmp.iterrows():
-        if row["same protocol"] != "yes" or row["gap (%)"] is None:
+        if row["gap (%)"] is None or not np.isfinite(row["gap (%)"]):
             continue
-        which = "full-length" if row["full run"] is not None else "quick"
-        ours = row["full run"] if row["full run"] is not None else row["quick"]
-        lines.append(f"- {dataset} {model} {metric}: ours ({which}) {ours:.4f} vs published {row['published']:.4f} "
-                     f"({row['gap (%)']:+.1f} %).")
+        which = "full-length" if row["full run"] is not None and np.isfinite(row["full run"]) else "quick"
+        ours = row["full run"] if which == "full-length" else row["quick"]
+        lines.append(f"- {dataset} {model} {metric} ({row['protocol']} protocol): ours ({which}) {ours:.4f} vs "
+                     f"published {row['published']:.4f} ({row['gap (%)']:+.1f} %).")
     return "\n".join(lines)
 
 
