@@ -37,15 +37,16 @@ import torch
 from torch import nn
 
 from paperlib.data.sequences import TrainBatch
-from paperlib.models.base import ModelConfig, SequentialRecommender, init_weights
+from paperlib.models.base import SequentialRecommender, init_weights
 from paperlib.models.losses import chunked_cross_entropy
 from paperlib.fields import param
-from paperlib.models.sasrec import TransformerEncoder, check_heads
+from paperlib.models.sasrec import SASRecConfig, TransformerEncoder
 
 
 @dataclass
-class BERT4RecConfig(ModelConfig):
-    """RecBole's BERT4Rec defaults (``BERT4Rec.yaml``).
+class BERT4RecConfig(SASRecConfig):
+    """RecBole's BERT4Rec defaults (``BERT4Rec.yaml``): SASRec's transformer sizes, lower dropout,
+    and the masking settings.
 
     ``ft_ratio``: probability that a training batch is a "fine-tuning" batch that masks only the
     last item of every sequence (RecBole's ``MaskItemSequence``). RecBole 1.2's ``BERT4Rec.yaml``
@@ -54,19 +55,10 @@ class BERT4RecConfig(ModelConfig):
     trains with 0.5: half of its batches are the next-item task of test time. 0.5 here too.
     """
 
-    hidden_size: int = param(64, "size of item embeddings and hidden states", min=1)
-    n_layers: int = param(2, "transformer layers", min=1)
-    n_heads: int = param(2, "attention heads (hidden_size must be a multiple)", min=1)
-    inner_size: int = param(256, "feed-forward width", min=1)
     hidden_dropout_prob: float = param(0.2, "dropout on embeddings and layer outputs", min=0.0, below=1.0)
     attn_dropout_prob: float = param(0.2, "dropout on attention probabilities", min=0.0, below=1.0)
-    layer_norm_eps: float = param(1e-12, "LayerNorm epsilon", min=0.0)
-    initializer_range: float = param(0.02, "std of the normal init of Linear and Embedding weights", min=0.0)
     mask_ratio: float = param(0.2, "probability that a training item is masked and predicted", min=0.0, max=1.0)
     ft_ratio: float = param(0.5, "probability that a batch masks only the last item of each prefix", min=0.0, max=1.0)
-
-    def validate(self) -> None:
-        check_heads(self)
 
 
 class BERT4Rec(SequentialRecommender):
