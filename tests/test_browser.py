@@ -308,3 +308,14 @@ def test_browser_check_fails_on_an_error(browser, lab, tmp_path):
     with pytest.raises(AssertionError, match=r"(?s)code cell 2 shows an error.*ValueError.*injected failure.*screenshot"):
         run_in_browser(lab, browser, path, tmp_path / "99_injected.png")
     assert (tmp_path / "99_injected.png").exists()
+
+
+def test_lab_serves_the_notebooks_and_the_kernel_they_name(lab):
+    """The server side alone (it needs no browser): a notebook is listed, the kernelspec its
+    metadata names exists, and the Lab page loads."""
+    nb_path = NOTEBOOKS[0]
+    shutil.copy(nb_path, lab.root / nb_path.name)
+    assert nb_path.name in {item["name"] for item in lab.api("/api/contents/")["content"]}
+    kernel = lab.api(f"/api/contents/{nb_path.name}")["content"]["metadata"]["kernelspec"]["name"]
+    assert kernel == KERNEL and kernel in lab.api("/api/kernelspecs")["kernelspecs"]
+    assert urllib.request.urlopen(f"{lab.base}/lab?token={lab.token}", timeout=10).status == 200
