@@ -279,8 +279,8 @@ def _means(doc: dict | None, protocol: str = "recbole") -> pd.DataFrame:
 
 
 def compare_published(doc: dict, full: dict | None = None) -> pd.DataFrame:
-    """Our test metrics beside every published figure for the same dataset and model: the quick
-    run, the full-length run (``full``, the ``paper`` preset) where there is one, and the gap
+    """Our test metrics beside every published figure for the same dataset and model: this run
+    (``doc``), the full-length run (``full``, the ``paper`` preset) where there is one, and the gap
     ``ours / published - 1`` of the longest run we have."""
     rows = []
     for ref in PUBLISHED:
@@ -293,8 +293,8 @@ def compare_published(doc: dict, full: dict | None = None) -> pd.DataFrame:
             f = long[m].get(key) if key in long.index and np.isfinite(long[m].get(key)) else None
             best = f if f is not None else q
             rows.append({"dataset": ref["dataset"], "model": ref["model"], "metric": m.upper(),
-                         "published": ref[m], "quick": None if q is None else round(q, 4),
-                         "full run": None if f is None else round(f, 4),
+                         "published": ref[m], f"ours ({doc['preset']})": None if q is None else round(q, 4),
+                         "ours (full run)": None if f is None else round(f, 4),
                          "gap (%)": None if best is None else round(100 * (best / ref[m] - 1), 1),
                          "protocol": ref["protocol"],
                          "source": ref["source"]})
@@ -321,7 +321,7 @@ def summary(doc: dict, full: dict | None = None) -> str:
     """The text under Table 2, generated from the results: the ranking of the models on each
     dataset and every gap to a published figure on the same protocol."""
     lines = []
-    for label, d in (("quick", doc), ("full-length", full)):
+    for label, d in ((doc["preset"], doc), ("full-length", full)):
         if d is None:
             continue
         means = _means(d)
@@ -334,8 +334,9 @@ def summary(doc: dict, full: dict | None = None) -> str:
     for (dataset, model, metric), row in cmp.iterrows():
         if row["gap (%)"] is None or not np.isfinite(row["gap (%)"]):
             continue
-        which = "full-length" if row["full run"] is not None and np.isfinite(row["full run"]) else "quick"
-        ours = row["full run"] if which == "full-length" else row["quick"]
+        long = row["ours (full run)"]
+        which = "full-length" if long is not None and np.isfinite(long) else doc["preset"]
+        ours = long if which == "full-length" else row[f"ours ({doc['preset']})"]
         lines.append(f"- {dataset} {model} {metric} ({row['protocol']} protocol): ours ({which}) {ours:.4f} vs "
                      f"published {row['published']:.4f} ({row['gap (%)']:+.1f} %).")
     return "\n".join(lines)
