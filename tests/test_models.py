@@ -388,3 +388,19 @@ def test_gru4rec_init_statistics():
         assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
     assert model.gru_layers.bias is False
     assert model.dense.in_features == 128 and model.dense.out_features == 64
+
+
+def test_a_seeded_build_is_the_same_in_every_process():
+    """torch seeds its RNG differently in each process: only a seeded build is reproducible."""
+    import subprocess
+    import sys
+
+    code = ("from paperlib.models import build_model; "
+            "m = build_model('gru4rec', n_items=30, max_len=8, seed=7); "
+            "print(repr(sum(float(p.double().sum()) for p in m.parameters())))")
+    sums = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(sums) == 1
+    a = build_model("sasrec", n_items=30, max_len=8, seed=3)
+    b = build_model("sasrec", n_items=30, max_len=8, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

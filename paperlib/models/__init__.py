@@ -15,6 +15,8 @@ import importlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
+
 from paperlib.fields import ConfigError
 from paperlib.models.base import ModelConfig, SequentialRecommender
 from paperlib.models.bert4rec import BERT4Rec, BERT4RecConfig
@@ -86,13 +88,17 @@ def config_from_dict(name: str, values: Mapping[str, Any]) -> ModelConfig:
     return config_cls(**values)
 
 
-def build_model(name: str, n_items: int, max_len: int, **overrides: Any) -> SequentialRecommender:
+def build_model(name: str, n_items: int, max_len: int, seed: int | None = None,
+                **overrides: Any) -> SequentialRecommender:
     """A freshly initialised model ``name`` for a catalogue of ``n_items`` items (ids 1..n_items)
     and histories of up to ``max_len`` items; ``overrides`` set config fields by name.
 
-    The initialisation draws from torch's global RNG: seed it first for a reproducible model.
+    The initialisation draws from torch's global RNG. Give ``seed`` for a reproducible model: torch
+    seeds its RNG differently in every process, so an unseeded build differs from run to run.
     """
     config = config_from_dict(name, {"n_items": n_items, "max_len": max_len, **overrides})
+    if seed is not None:
+        torch.manual_seed(seed)
     return MODELS[name][1](config)
 
 

@@ -147,7 +147,7 @@ def compute(cfg: QualityParams, progress: bool = True) -> dict:
         if name == "mamba4rec" and dataset.startswith("amazon") and "dropout" not in overrides:
             overrides["dropout"] = AMAZON_MAMBA_DROPOUT
         for seed in cfg.seeds:
-            model = build_model(name, n_items=data.n_items, max_len=data.max_len, **overrides)
+            model = build_model(name, n_items=data.n_items, max_len=data.max_len, seed=seed, **overrides)
             tc = TrainConfig(
                 epochs=cfg.epochs_ml1m if dataset == "ml-1m" and cfg.epochs_ml1m else cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, lr=cfg.lr,
                 patience=cfg.patience, seed=seed, device=cfg.device,
