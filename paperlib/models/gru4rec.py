@@ -3,6 +3,9 @@
 Item embedding → dropout → GRU (no biases, as RecBole) → Linear back to the embedding size → dot
 product with the tied item embedding table. A GRU is causal by construction, and with right
 padding the outputs at real positions never see the padding that follows them.
+
+Streaming: ``prefill`` encodes a history and returns the GRU state after it; ``step`` consumes one
+new item per user from that constant-size state. Both equal ``forward`` (tested).
 """
 
 from __future__ import annotations
@@ -67,3 +70,39 @@ class GRU4Rec(SequentialRecommender):
 
     def output_embedding(self) -> torch.Tensor:
         return self.item_embedding.weight
+
+    # ---------------------------------------------------------------------------------------
+    # streaming inference: constant memory per user, one item at a time
+
+    def allocate_states(self, batch: int) -> torch.Tensor:
+        """Zero GRU state (num_layers, batch, gru_hidden_size) before a user's first item."""
+        w = self.item_embedding.weight
+        return w.new_zeros(self.config.num_layers, batch, self.config.gru_hidden_size)
+
+    def prefill(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full histories items (B, L) (no padding) → hidden (B, L, D), equal to ``forward``, and the
+        GRU state after the last item (num_layers, B, gru_hidden_size)."""
+        self.check_items(items)
+        out, state = self.gru_layers(self.emb_dropout(self.item_embedding(items)))
+        return self.dense(out), state
+
+    def step(self, items_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consume one item per user: items_t (B,) → hidden (B, D) and the next state (a new
+        tensor; the input state is left unchanged). Equals ``forward`` at that position (eval mode)."""
+        self.check_items(items_t)
+        out, state = self.gru_layers(self.emb_dropout(self.item_embedding(items_t))[:, None], state)
+        return self.dense(out[:, 0]), state
+
+    @torch.no_grad()
+    def stream_scores(self, items: torch.Tensor) -> torch.Tensor:
+        """Scores of the next item after every prefix, one item at a time: items (B, L) →
+        (B, L, n_items + 1), column 0 (padding) = -inf."""
+        state = self.allocate_states(items.shape[0])
+        table = self.output_embedding()
+        out = []
+        for t in range(items.shape[1]):
+            h, state = self.step(items[:, t], state)
+            out.append(h @ table.t())
+        scores = torch.stack(out, dim=1)
+        scores[..., 0] = float("-inf")
+        return scores

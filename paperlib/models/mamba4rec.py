@@ -95,6 +95,11 @@ class MambaLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._mix(self.mamba(x), x)
 
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, MambaState]:
+        """``forward`` over full rows x (B, L, d) that also returns the block's state after them."""
+        y, state = self.mamba(x, return_state=True)
+        return self._mix(y, x), state
+
     def step(self, x: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
         """x (B, d) at one position → (B, d) and the block's next state."""
         y, state = self.mamba.step(x, state)
@@ -158,6 +163,17 @@ class Mamba4Rec(SequentialRecommender):
             h, state = layer.step(h, state)
             new_states.append(state)
         return h, new_states
+
+    def prefill(self, items: torch.Tensor) -> tuple[torch.Tensor, list[MambaState]]:
+        """Full histories items (B, L) (no padding) → hidden (B, L, hidden_size), equal to
+        ``forward``, and every layer's state after the last item, from which ``step`` continues."""
+        self.check_items(items)
+        h = self.LayerNorm(self.dropout(self.item_embedding(items)))
+        states = []
+        for layer in self.mamba_layers:
+            h, state = layer.prefill(h)
+            states.append(state)
+        return h, states
 
     @torch.no_grad()
     def stream_scores(self, items: torch.Tensor) -> torch.Tensor:
