@@ -1,10 +1,13 @@
-"""The cost study's parts: streaming paths against the full forward."""
+"""The cost study's parts: streaming paths against the full forward, the measurement module
+(statistics, FLOPs, memory, points in their own processes, out of memory and timeouts), and bad-input errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from paperlib import cost
+from paperlib.fields import ConfigError
 from paperlib.models import build_model
 
 N_ITEMS = 40
@@ -102,3 +105,137 @@ def test_streaming_refuses_unknown_items():
         _, state = model.prefill(_items(length=3))
         with pytest.raises(ValueError, match="item ids must lie in"):
             model.step(torch.tensor([N_ITEMS + 1, 1]), state)
+
+
+# --------------------------------------------------------------------------- statistics and fits
+def test_summary_is_median_and_quartiles():
+    s = cost.summary([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s["median"], s["q25"], s["q75"], s["min"], s["max"], s["n"]) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    assert cost.summary([2.0])["q25"] == 2.0 and cost.summary([])["n"] == 0
+
+
+def test_fit_exponent_recovers_a_power_law():
+    sizes = [50, 100, 200, 400, 800]
+    assert cost.fit_exponent(sizes, [3.0 * x**1.5 for x in sizes]) == pytest.approx(1.5)
+    assert cost.fit_exponent(sizes, [7.0] * 5) == pytest.approx(0.0, abs=1e-12)
+    assert cost.fit_exponent([100], [1.0]) is None
+
+
+def test_crossover_from_the_data():
+    sizes = [100, 200, 400, 800]
+    # ours ∝ L, theirs ∝ L²/400: equal at L = 400 exactly, ours cheaper beyond
+    ours = [float(x) for x in sizes]
+    theirs = [x * x / 400 for x in sizes]
+    c = cost.crossover(sizes, ours, theirs)
+    assert c["from"] == 800 and not c["always"] and not c["never"]
+    assert c["estimate"] == pytest.approx(400.0)
+    assert cost.crossover(sizes, [1, 1, 1, 1], [2, 2, 2, 2])["always"]
+    assert cost.crossover(sizes, [3, 3, 3, 3], [2, 2, 2, 2])["never"]
+    # theirs out of memory (None) at the longest length: ours is cheaper there
+    c = cost.crossover(sizes, [3, 3, 3, 3], [2, 2, 2, None])
+    assert c["from"] == 800 and c["estimate"] is None
+    # cheaper, then dearer again at a longer length: not a crossover
+    assert cost.crossover(sizes, [1, 1, 3, 3], [2, 2, 2, 2])["never"]
+
+
+def test_seconds_are_printed_with_a_unit():
+    assert cost.fmt_seconds(2.5e-4) == "250 µs" and cost.fmt_seconds(0.0123) == "12.3 ms"
+    assert cost.fmt_seconds(12.345) == "12.3 s" and cost.fmt_seconds(float("nan")) == "n/a"
+
+
+# --------------------------------------------------------------------------- FLOPs
+def test_gru4rec_flops_per_item_match_the_formula():
+    model = build_model("gru4rec", n_items=100, max_len=20)
+    d, h = model.config.hidden_size, model.config.gru_hidden_size
+    expected = 2 * (d * 3 * h + h * 3 * h) + 2 * h * d  # input and hidden gates, then the dense layer
+    assert cost.forward_flops_per_item(model, 20, 100) == expected
+
+
+def test_attention_flops_grow_with_the_length_and_the_scan_does_not():
+    sas = build_model("sasrec", n_items=100, max_len=64)
+    d, layers = sas.config.hidden_size, sas.config.n_layers
+    grow = cost.forward_flops_per_item(sas, 64, 100) - cost.forward_flops_per_item(sas, 16, 100)
+    assert grow == pytest.approx(layers * 4 * d * (64 - 16))  # QKᵀ and PV: 4·L·D per item and layer
+    mamba = build_model("mamba4rec", n_items=100, max_len=64)
+    f16, f64 = (cost.forward_flops_per_item(mamba, n, 100) for n in (16, 64))
+    assert f64 == pytest.approx(f16, rel=1e-2)  # constant per item (the conv's padding aside)
+    block = mamba.mamba_layers[0].mamba
+    assert cost.scan_flops_per_item(mamba) == 6 * block.d_inner * block.d_state
+
+
+# --------------------------------------------------------------------------- memory and timing
+def test_memory_meter_sees_an_allocation():
+    meter = cost.MemoryMeter("cpu")
+    meter.set_baseline()
+    meter.reset()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
+    peak = meter.peak()
+    del x
+    assert peak >= 60 * 2**20
+
+
+def test_time_runs_counts_warmup_and_repeats():
+    calls = []
+    times, peaks = cost.time_runs(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(times) == 3 and peaks == [] and all(t >= 0 for t in times)
+
+
+# --------------------------------------------------------------------------- points in their own process
+def test_a_training_step_point_runs_in_its_own_process():
+    point = cost.TrainStepPoint(model="sasrec", options={"n_layers": 1}, batch=2, length=8, n_items=50,
+                                threads=1, repeats=3)
+    r = cost.run_point(point, timeout_s=120)
+    assert r["status"] == "ok", r["message"]
+    assert r["kind"] == "train_step" and r["options"] == {"n_layers": 1}
+    assert len(r["seconds"]) == 3 and all(s > 0 for s in r["seconds"])
+    assert len(r["peak_bytes"]) == 3 and min(r["peak_bytes"]) >= 4 * r["params"]
+    assert r["pairs"] == 16 and r["flops_per_item"] > 0
+    assert r["load_before"] is not None and r["load_after"] is not None
+
+
+@pytest.mark.parametrize("mode,name", [("step", "mamba4rec"), ("step", "gru4rec"), ("kv_cache", "sasrec"),
+                                       ("recompute", "bert4rec")])
+def test_stream_points_record_latency_and_state(mode, name):
+    r = cost.run_point(cost.StreamPoint(model=name, mode=mode, history=6, n_items=50, threads=1, repeats=3,
+                                        warmup=1), timeout_s=120)
+    assert r["status"] == "ok", r["message"]
+    assert len(r["seconds"]) == 3 and r["state_bytes"] > 0
+
+
+def test_out_of_memory_is_recorded_and_the_sweep_goes_on():
+    big = cost.TrainStepPoint(model="sasrec", batch=64, length=512, n_items=50, threads=1, repeats=1)
+    bigger = cost.TrainStepPoint(model="sasrec", batch=64, length=1024, n_items=50, threads=1, repeats=1)
+    small = cost.InferencePoint(model="gru4rec", batch=2, length=8, n_items=50, threads=1, repeats=1)
+    records = cost.run_points([big, bigger, small], memory_limit=64 * 2**20, progress=False)
+    assert [r["status"] for r in records] == ["oom", "skipped", "ok"]
+    assert "allocate" in records[0]["message"] and "out of memory" in records[1]["message"]
+    assert records[0]["memory_limit"] == 64 * 2**20
+
+
+def test_a_point_past_its_time_is_stopped():
+    point = cost.EpochPoint(model="sasrec", dataset="ml-100k", threads=1)  # needs far more than 0.05 s
+    r = cost.run_point(point, timeout_s=0.05)
+    assert r["status"] == "timeout" and "stopped after" in r["message"]
+
+
+def test_an_error_inside_a_point_is_reported():
+    point = cost.EpochPoint(model="sasrec", dataset="ml-100k", batch_size=1, threads=1)
+    r = cost.run_point(point, timeout_s=120)  # a batch smaller than one training window
+    assert r["status"] == "error" and "batch_size" in r["message"]
+
+
+# --------------------------------------------------------------------------- bad input
+def test_unknown_model_device_or_mode_is_refused_before_running():
+    with pytest.raises(ConfigError, match="'model' must be one of"):
+        cost.TrainStepPoint(model="transformer")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        cost.TrainStepPoint(model="sasrec", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            cost.InferencePoint(model="sasrec", device="cuda")
+    with pytest.raises(ConfigError, match="'recompute' works for every model"):
+        cost.StreamPoint(model="sasrec", mode="step")
+    with pytest.raises(ConfigError, match="mode"):
+        cost.StreamPoint(model="sasrec", mode="teleport")
+    with pytest.raises(ConfigError, match="n_items or max_len"):
+        cost.TrainStepPoint(model="sasrec", options={"max_len": 5})
