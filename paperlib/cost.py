@@ -150,18 +150,25 @@ def default_memory_limit() -> int | None:
     return None if available is None else int(0.75 * available)
 
 
-def check_device(device: str) -> str:
-    """``device`` if it names a usable device (``cpu``, ``cuda``, ``cuda:N``), else ConfigError."""
-    if device == "cpu":
+def check_device_name(device: str) -> str:
+    """``device`` if it is ``cpu``, ``cuda`` or ``cuda:N`` (whether or not this machine has it),
+    else ConfigError."""
+    if device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         return device
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+    raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+
+
+def check_device(device: str) -> str:
+    """``device`` if it names a device this machine has (``cpu``, ``cuda``, ``cuda:N``), else
+    ConfigError."""
+    check_device_name(device)
+    if device != "cpu":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for but this machine has no CUDA device "
                               "(torch.cuda.is_available() is False); use 'cpu'")
         if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return device
-    raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    return device
 
 
 # --------------------------------------------------------------------------------------------
@@ -821,7 +828,7 @@ def crossover(sizes: Sequence[float], ours: Sequence[float | None], theirs: Sequ
 
 __all__ = [
     "EpochPoint", "InferencePoint", "MemoryMeter", "Point", "STATUSES", "STREAM_MODELS", "STREAM_MODES",
-    "StreamPoint", "TrainStepPoint", "brief", "check_device", "count_parameters", "crossover",
+    "StreamPoint", "TrainStepPoint", "brief", "check_device", "check_device_name", "count_parameters", "crossover",
     "default_memory_limit", "describe_device", "fit_exponent", "fmt_seconds", "forward_flops_per_item",
     "load_average", "machine_info", "random_histories", "random_train_batch", "run_point", "run_points",
     "summary", "time_runs", "usable_cores",

@@ -1,8 +1,12 @@
 """The cost study's parts: streaming paths against the full forward, the measurement module
-(statistics, FLOPs, memory, points in their own processes, out of memory and timeouts), and bad-input errors."""
+(statistics, FLOPs, memory, points in their own processes, out of memory and timeouts), the study's
+summaries on hand-made records, and its bad-input errors."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +243,120 @@ def test_unknown_model_device_or_mode_is_refused_before_running():
         cost.StreamPoint(model="sasrec", mode="teleport")
     with pytest.raises(ConfigError, match="n_items or max_len"):
         cost.TrainStepPoint(model="sasrec", options={"max_len": 5})
+
+
+# --------------------------------------------------------------------------- the study
+def _record(section, label, kind, **kw):
+    base = {"section": section, "label": label, "kind": kind, "status": "ok", "message": "", "params": 1000,
+            "flops_per_item": 1.0, "load_before": [1.0, 1.0, 1.0], "load_after": [1.0, 1.0, 1.0], "repeats": 5}
+    return {**base, **kw}
+
+
+def _doc(status_800="ok"):
+    """A hand-made results doc: Mamba4Rec ∝ L, SASRec ∝ L² (cheaper below L = 400)."""
+    from paperlib.studies import cost as study
+
+    points = []
+    for model, label, f, mem in (("sasrec", "SASRec", lambda x: x * x / 400, lambda x: x * x * 1e3),
+                                 ("mamba4rec", "Mamba4Rec", lambda x: float(x), lambda x: x * 4e5)):
+        for length in (100, 200, 400, 800):
+            ok = not (label == "SASRec" and length == 800 and status_800 != "ok")
+            for kind in ("train_step", "inference"):
+                extra = {"seconds": [f(length) * s for s in (0.9, 1.0, 1.0, 1.0, 1.1)],
+                         "peak_bytes": [mem(length)] * 5} if ok else {}
+                points.append(_record("scaling", label, kind, model=model, length=length, batch=16, pairs=16 * length,
+                                      status="ok" if ok else status_800,
+                                      message="" if ok else "RuntimeError: can't allocate memory", **extra))
+        for kind, extra in (("epoch", {"epoch_seconds": [f(200) * 10] * 5, "seconds": [f(200)] * 5,
+                                       "peak_bytes": [mem(200)] * 5, "steps_timed": 2, "steps_per_epoch": 20,
+                                       "pairs_per_epoch": 1000, "memory_method": "cpu"}),
+                            ("inference", {"seconds": [f(200) / 10] * 5, "peak_bytes": [mem(200)] * 5,
+                                           "users": 64, "length": 200})):
+            points.append(_record("table3", label, kind, model=model, **extra))
+        for mode in (("kv_cache", "recompute") if model == "sasrec" else ("step",)):
+            for h in (1, 50, 3200):
+                lat = 1e-3 if model == "mamba4rec" else 1e-3 * (1 + h / 100)
+                points.append(_record("streaming", label, "stream", model=model, mode=mode, history=h,
+                                      seconds=[lat] * 5, state_bytes=100 if model == "mamba4rec" else 10 * h))
+    params = {"models": ["sasrec", "mamba4rec"], "lengths": [100, 200, 400, 800], "histories": [1, 50, 3200],
+              "scaling_batch": 16, "repeats": 5, "warmup": 1, "dataset": "ml-1m", "train_batch_size": 2048}
+    results = {"points": points, "device": "cpu", "device_description": "cpu: test (2 threads)", "threads": 2,
+               "machine": {"usable_cores": 2, "memory_total_gb": 8.0},
+               "load_average": {"before": [0.1, 0.1, 0.1], "after": [2.0, 1.0, 0.5]},
+               "published": study.PUBLISHED, "targets": study.TARGETS}
+    return {"params": params, "results": results}
+
+
+def test_study_reads_exponents_crossovers_and_targets_from_the_records():
+    from paperlib.studies import cost as study
+
+    doc = _doc()
+    fits = study.exponents(doc)
+    assert fits.loc["Mamba4Rec", "train step time"] == pytest.approx(1.0, abs=0.01)
+    assert fits.loc["SASRec", "train step time"] == pytest.approx(2.0, abs=0.01)
+    cross = study.crossovers(doc).loc[("Mamba4Rec", "training step time")]
+    assert cross["cheaper than SASRec"] == "from L = 800" and cross["crossing (log-log estimate)"] == 400
+    t = study.targets(doc)
+    ratio_200 = t.loc[[i for i in t.index if "L = 200" in i][0]]
+    assert ratio_200["measured"] == "2.00×" and ratio_200["met"] == "no"  # 200 / (200²/400)
+    ratio_800 = t.loc[[i for i in t.index if "L = 800" in i][0]]
+    assert ratio_800["measured"] == "0.50×" and ratio_800["met"] == "yes"
+    growth = t.loc[[i for i in t.index if "within" in i][0]]
+    assert growth["measured"] == "1.00×" and growth["met"] == "yes"
+    table = study.table3(doc)
+    assert table.loc[("training epoch (s)", "published / SASRec"), "Mamba4Rec"] == f"{75.52 / 131.24:.2f}"
+    assert table.loc[("training epoch (s)", "ours / SASRec"), "Mamba4Rec"] == "2.00"
+    assert "quiet" in study.load_text(doc)
+    study.check_results(doc)
+
+
+def test_an_out_of_memory_point_is_shown_and_counts_as_dearer():
+    from paperlib.studies import cost as study
+
+    doc = _doc(status_800="oom")
+    frame = study.points_frame(doc)
+    assert (frame["status"] == "oom").sum() == 2  # train step and inference of SASRec at L = 800
+    cross = study.crossovers(doc).loc[("Mamba4Rec", "training step time")]
+    assert cross["cheaper than SASRec"] == "from L = 800"
+    fig = study.figure3(doc)  # draws the failed points as crosses
+    assert any(line.get_marker() == "X" for ax in fig.axes for line in ax.lines)
+    study.check_results(doc)
+
+
+def test_a_loaded_machine_is_said_to_be_one():
+    from paperlib.studies import cost as study
+
+    doc = _doc()
+    for r in doc["results"]["points"]:
+        r["load_before"] = [6.0, 5.0, 4.0]
+    assert "loaded" in study.load_text(doc)
+
+
+def test_study_parameters_are_checked():
+    from paperlib.studies.cost import CostParams
+
+    with pytest.raises(ConfigError, match="unknown model"):
+        CostParams(models=["sasrec", "transformer"])
+    with pytest.raises(ConfigError, match="must include sasrec"):
+        CostParams(models=["mamba4rec"])
+    with pytest.raises(ConfigError, match="unknown device"):
+        CostParams(device="tpu")
+    with pytest.raises(ConfigError, match="'lengths' must be >= 1, got 0"):
+        CostParams(lengths=[0, 100])
+
+
+def test_smoke_study_end_to_end(real_data, tmp_path):
+    """The smoke preset's compute run, its check, and every table and figure drawn from its JSON."""
+    from paperlib.config import merge
+    from paperlib.studies import cost as study
+
+    cfg = merge(study.CostParams, "03_cost", "smoke", {"output_dir": str(tmp_path), "recompute": True})
+    doc = study.compute(cfg, progress=False)
+    study.check_results(doc)
+    assert all(r["status"] == "ok" for r in doc["results"]["points"])
+    table = study.table3(doc)
+    assert list(table.columns) == ["GRU4Rec", "SASRec", "BERT4Rec", "Mamba4Rec"]
+    study.figure3(doc)
+    study.figure4(doc)
+    assert not study.targets(doc).empty and not study.stream_table(doc).empty
+    assert math.isfinite(float(np.nanmax(study.points_frame(doc)["median_s"])))
