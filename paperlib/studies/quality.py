@@ -7,6 +7,11 @@ test split by full ranking. Checkpoints go to ``build/checkpoints/quality/<prese
 ``$PAPERLIB_BUILD``) under a key of the exact settings and training code, so an interrupted compute
 run resumes where it stopped; finished runs recorded in the results JSON under the same key are
 reused, not retrained.
+
+Spreading the work (see :mod:`paperlib.distributed`): under torchrun every run trains on all the
+processes (DistributedDataParallel) and only rank 0 writes; with ``shard`` (``paperlib run
+02_quality --shard 2/8``) only every 8th run is computed, starting with the second, and the
+partial results go to ``results/shards/``, for ``paperlib merge`` to combine.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from paperlib import paths, results
+from paperlib import distributed, paths, results
 from paperlib.config import StudyParams
 from paperlib.data import DATASETS, count_pairs, load_dataset
 from paperlib.fields import ConfigError, param
-from paperlib.models import MODELS, build_model
-from paperlib.runtime import TRAINING_CODE, run_key
+from paperlib.models import MODELS, build_model, config_from_dict
+from paperlib.distributed import Shard
+from paperlib.runtime import TRAINING_CODE, code_fingerprint, run_key
 from paperlib.studies import Study
 
 DISPLAY = {"gru4rec": "GRU4Rec", "sasrec": "SASRec", "bert4rec": "BERT4Rec", "mamba4rec": "Mamba4Rec"}
@@ -111,6 +117,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"model options in {spec!r} must be a mapping such as {{n_layers: 2}}: {err}") from err
     if not isinstance(overrides, dict):
         raise ConfigError(f"model options in {spec!r} must be a mapping such as {{n_layers: 2}}")
+    config_from_dict(name, {"n_items": 1, **overrides})  # unknown options, types, ranges: now, not mid-study
     return name, overrides
 
 
@@ -128,17 +135,28 @@ def _runs(cfg: QualityParams) -> list[tuple[str, str]]:
     return out
 
 
-def compute(cfg: QualityParams, progress: bool = True) -> dict:
-    """Train and evaluate every (dataset, model, seed); write the results JSON and return it."""
+def compute(cfg: QualityParams, progress: bool = True, shard: Shard | None = None) -> dict:
+    """Train and evaluate every (dataset, model, seed); write the results JSON and return it.
+
+    With ``shard``, only that shard's runs (every ``shard.count``-th, in the study's order) are
+    computed and written as partial results (every dataset is still loaded, so each partial
+    describes all of them). In a process group every rank calls this; rank 0 writes, the other
+    ranks return the same results without writing them.
+    """
     from paperlib.train import TrainConfig, fit
 
     started, t0 = results.now_iso(), time.perf_counter()
+    progress = progress and distributed.is_main()
     if progress:
         _log_epochs_to_stdout()
-    finished = _finished_runs(cfg) if cfg.resume else {}
+    # rank 0's files decide which runs are already done, for every rank (they must train together)
+    finished = distributed.broadcast_object(_finished_runs(cfg, shard) if cfg.resume else {})
+    total = len(_runs(cfg)) * len(cfg.seeds)
+    chosen = set(shard.select(total)) if shard is not None else set(range(total))
+    run_indices: list[int] = []  # the study-order index of each entry of runs
     runs: list[dict[str, Any]] = []
     data_cache: dict[str, Any] = {}
-    for dataset, spec in _runs(cfg):
+    for spec_index, (dataset, spec) in enumerate(_runs(cfg)):
         if dataset not in data_cache:
             data = load_dataset(dataset)
             data_cache[dataset] = data.subset(cfg.max_users, seed=0) if cfg.max_users else data
@@ -146,7 +164,10 @@ def compute(cfg: QualityParams, progress: bool = True) -> dict:
         name, overrides = parse_model_spec(spec)
         if name == "mamba4rec" and dataset.startswith("amazon") and "dropout" not in overrides:
             overrides["dropout"] = AMAZON_MAMBA_DROPOUT
-        for seed in cfg.seeds:
+        for run_index, seed in enumerate(cfg.seeds, start=spec_index * len(cfg.seeds)):
+            if run_index not in chosen:
+                continue  # another shard's run
+            run_indices.append(run_index)
             model = build_model(name, n_items=data.n_items, max_len=data.max_len, seed=seed, **overrides)
             tc = TrainConfig(
                 epochs=cfg.epochs_ml1m if dataset == "ml-1m" and cfg.epochs_ml1m else cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, lr=cfg.lr,
@@ -185,20 +206,33 @@ def compute(cfg: QualityParams, progress: bool = True) -> dict:
         "datasets": {d: {"users": v.n_users, "items": v.n_items, "max_len": v.max_len, "train_pairs": count_pairs(v)}
                      for d, v in data_cache.items()},
     }
+    if not distributed.is_main():  # rank 0 writes; the others return what it writes
+        return {"study": STUDY.name, "preset": cfg.preset, "params": cfg.to_dict(), "results": payload}
+    if shard is not None:
+        path = results.save_partial_results(
+            STUDY.name, cfg.preset, cfg.to_dict(), payload, output_dir=cfg.output_dir,
+            shard={"index": shard.index, "count": shard.count, "runs": run_indices, "total": total},
+            code=code_fingerprint(QUALITY_CODE), wall_seconds=time.perf_counter() - t0, started=started)
+        return results.load_partial_results(path)
     results.save_results(STUDY.name, cfg.preset, cfg.to_dict(), payload, output_dir=cfg.output_dir,
                          wall_seconds=time.perf_counter() - t0, started=started)
     return STUDY.load(cfg)
 
 
-#: the code that shapes a quality run (the adaptive optimizers are not used here)
-QUALITY_CODE = tuple(p for p in TRAINING_CODE if not p.startswith("adaptive/"))
+#: the code that shapes a quality run (the adaptive optimizers are not used here); partial
+#: results of other code are not merged
+QUALITY_CODE = tuple(p for p in TRAINING_CODE if not p.startswith("adaptive/")) + ("distributed.py",)
 
 
-def _finished_runs(cfg: QualityParams) -> dict[str, dict]:
-    """Runs of the existing results JSON of this preset, by key (runs written before keys were
-    recorded have none and are retrained)."""
+def _finished_runs(cfg: QualityParams, shard: Shard | None = None) -> dict[str, dict]:
+    """Runs of the existing results JSON of this preset (of this shard's partial results with
+    ``shard``), by key (runs written before keys were recorded have none and are retrained)."""
     try:
-        doc = results.load_results(STUDY.name, cfg.preset, cfg.output_dir)
+        if shard is not None:
+            doc = results.load_partial_results(
+                results.partial_results_path(STUDY.name, cfg.preset, shard.label, cfg.output_dir))
+        else:
+            doc = results.load_results(STUDY.name, cfg.preset, cfg.output_dir)
     except results.ResultsError:
         return {}
     return {r["key"]: r for r in doc["results"]["runs"] if r.get("key")}
