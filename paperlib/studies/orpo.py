@@ -40,7 +40,7 @@ import torch
 
 from paperlib import paths, results
 from paperlib.config import StudyParams
-from paperlib.data import DATASETS, DataError, SequentialData, load_dataset, pad_right
+from paperlib.data import DATASETS, DataError, SequentialData, load_dataset, load_titles, pad_right
 from paperlib.fields import ConfigError, param
 from paperlib.metrics import metrics_from_ranks
 from paperlib.runtime import atomic_write, run_key
@@ -69,16 +69,44 @@ ROWS: dict[str, list[tuple[str, str]]] = {
 ANSWER_TOKENS = 64
 
 
-def titled_datasets() -> list[str]:
-    """Registered datasets with a title source in at least one of their file layouts."""
-    return [name for name, spec in DATASETS.items() if any(layout.titles for layout in spec.layouts)]
+def titles_missing(dataset: str) -> str | None:
+    """Why ``dataset`` would load without item titles, or None if it has them (or may have them).
+
+    Looks at the file layout it would be loaded from: the one found in ``$PAPERLIB_DATA`` or the
+    cache, else the one its automatic download makes (files are only looked at, nothing is read or
+    downloaded). A layout with titles whose title file is absent is reported later, by
+    :func:`compute`, which names the file.
+    """
+    from paperlib.data.download import find_layout, search_folders
+
+    spec = DATASETS[dataset]
+    for folder in search_folders(dataset):
+        found = find_layout(spec, folder)
+        if found is not None:
+            layout, where = found.layout, f"its files in {folder}/ are"
+            break
+    else:
+        downloads = {d.filename for d in spec.downloads}
+        layout = next((lay for lay in spec.layouts if lay.interactions.name in downloads), None)
+        where = "the file it downloads is"
+        if layout is None:
+            return None
+    if layout.titles:
+        return None
+    with_titles = "; ".join(lay.describe() for lay in spec.layouts if lay.titles)
+    others = [name for name in DATASETS if name != dataset and any(lay.titles for lay in DATASETS[name].layouts)]
+    return (f"dataset {dataset!r} has no item titles, and the LLM recommender reads and writes item titles: {where} "
+            f"{layout.interactions.describe()} ({layout.note}), a format without titles. Put files of a layout "
+            f"with titles into $PAPERLIB_DATA/{dataset}/ ({with_titles}), or choose another dataset: "
+            f"{', '.join(others)}.")
 
 
 @dataclass
 class OrpoParams(StudyParams):
     """Parameters of ``04_orpo`` (defaults: the ``quick`` preset)."""
 
-    dataset: str = param("ml-1m", "a dataset with item titles: ml-1m, amazon-beauty or ml-100k",
+    dataset: str = param("ml-1m", "a dataset with item titles: ml-1m, amazon-beauty or ml-100k (amazon-video-games "
+                         "only from its official files)",
                          choices=tuple(DATASETS))
     model_source: str = param("smollm2", "the causal LM: smollm2 (SmolLM2-135M-Instruct, bundled), tiny (a random "
                               "tiny Llama, smoke runs only), a Hugging Face id or a local folder")
@@ -115,11 +143,9 @@ class OrpoParams(StudyParams):
     resume: bool = param(True, "reuse the Mamba4Rec trained earlier with the same settings and code, or resume it")
 
     def validate(self) -> None:
-        if self.dataset not in titled_datasets():
-            raise ConfigError(
-                f"dataset {self.dataset!r} has no item titles: the LLM recommender reads and writes item titles, "
-                f"and no file layout of {self.dataset!r} provides them. Choose one of {titled_datasets()}."
-            )
+        problem = titles_missing(self.dataset)
+        if problem:
+            raise ConfigError(problem)
         if not self.model_source.strip():
             raise ConfigError("model_source is empty: give smollm2, tiny, a Hugging Face id or a local folder")
         if self.max_prompt_tokens and self.max_prompt_tokens + 8 > self.max_length:
@@ -146,7 +172,9 @@ def compute(cfg: OrpoParams, progress: bool = True) -> dict:
     data = load_dataset(cfg.dataset)
     if cfg.max_users:
         data = data.subset(cfg.max_users, seed=cfg.seed)
-    titles = llm.item_titles(data, cfg.max_title_chars)  # DataError when the title file is missing
+    if not data.titles:
+        load_titles(cfg.dataset)  # a DataError that names the missing title file and where to put it
+    titles = llm.item_titles(data, cfg.max_title_chars)
     say(f"{cfg.dataset}: {data.n_users:,} users, {data.n_items:,} items, {titles.n_missing:,} without a title")
     lm = llm.load_llm(llm_config(cfg))  # LLMLoadError saying how to provide the weights
     lm_summary = lm.summary()
