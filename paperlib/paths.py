@@ -46,6 +46,12 @@ def build_dir() -> Path:
     return _env_path("PAPERLIB_BUILD", REPO_ROOT / "build")
 
 
+def checkpoints_dir() -> Path:
+    """Training checkpoints: ``$PAPERLIB_CHECKPOINTS``, else ``checkpoints/`` in the cache folder, outside
+    the repository, so that a fresh checkout (or ``git clean``) never erases a long run's progress."""
+    return _env_path("PAPERLIB_CHECKPOINTS", cache_dir() / "checkpoints")
+
+
 def data_dir() -> Path | None:
     """``$PAPERLIB_DATA``: a folder holding ``<dataset>/`` folders of already-present files, or None."""
     value = os.environ.get("PAPERLIB_DATA", "")

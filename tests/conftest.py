@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# training checkpoints of the tests never mix with a user's (they default to the cache folder)
+os.environ["PAPERLIB_CHECKPOINTS"] = tempfile.mkdtemp(prefix="paperlib-test-checkpoints-")
 
 
 def shared_data_dir() -> Path | None:

@@ -3,8 +3,8 @@ Figure 2).
 
 Every (dataset, model, seed) is trained with :class:`paperlib.train.Trainer` (full-softmax CE, Adam,
 every RecBole training pair once per epoch, early stopping on validation NDCG@10) and scored on the
-test split by full ranking. Checkpoints go to ``build/checkpoints/quality/<preset>/…`` (or
-``$PAPERLIB_BUILD``) under a key of the exact settings and training code, so an interrupted compute
+test split by full ranking. Checkpoints go to ``<checkpoints>/quality/<preset>/…`` (see
+``paths.checkpoints_dir``) under a key of the exact settings and training code, so an interrupted compute
 run resumes where it stopped; finished runs recorded in the results JSON under the same key are
 reused, not retrained.
 
@@ -184,7 +184,7 @@ def compute(cfg: QualityParams, progress: bool = True, shard: Shard | None = Non
                     print("  finished earlier with the same settings and code: reused, not retrained")
                 runs.append(finished[key])
                 continue
-            ckpt = (paths.build_dir() / "checkpoints" / STUDY.name / cfg.preset / dataset
+            ckpt = (paths.checkpoints_dir() / STUDY.name / cfg.preset / dataset
                     / f"{name}-{key}" / str(seed))
             res = fit(model, data, tc, checkpoint_dir=ckpt, resume=cfg.resume, progress=progress)
             runs.append({
