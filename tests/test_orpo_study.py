@@ -56,6 +56,9 @@ def test_smoke_compute_writes_results_that_check_accepts(smoke):
     assert 1 <= len(ev["users"]) <= cfg.test_users
     train = doc["results"]["training"]
     assert train["orpo"]["steps"] == train["sft"]["steps"] == cfg.max_steps
+    for run in train.values():  # each step accumulates micro-batches into one batch of batch_size
+        assert run["config"]["batch_size"] == cfg.micro_batch_size < cfg.batch_size
+        assert run["examples"] == cfg.max_steps * cfg.batch_size
     assert doc["results"]["mamba4rec"]["reused"] is False
 
 
@@ -234,6 +237,7 @@ def test_dataset_without_local_files_is_judged_by_its_download(tmp_path, monkeyp
     ({"strategy": "random"}, "'strategy' must be one of"),
     ({"max_prompt_tokens": 600, "max_length": 512}, "leaves no room for the answer"),
     ({"model_source": "  "}, "model_source is empty"),
+    ({"batch_size": 8, "micro_batch_size": 3}, "micro_batch_size 3 does not divide batch_size 8"),
     ({"test_users": -1}, "'test_users' must be >= 0"),
 ])
 def test_bad_parameters_give_clear_errors(values, message):

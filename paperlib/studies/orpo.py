@@ -122,6 +122,8 @@ class OrpoParams(StudyParams):
     train_users: int = param(256, "users whose training part gives the preference pairs; 0 for all", min=0)
     targets_per_user: int = param(1, "training targets (pairs) drawn per user", min=1)
     batch_size: int = param(8, "pairs (ORPO) or examples (SFT) per optimiser step", min=1)
+    micro_batch_size: int = param(4, "pairs or examples per forward pass, a divisor of batch_size (gradients are "
+                                  "accumulated): less memory, the same steps; 0 for batch_size", min=0)
     max_steps: int = param(0, "optimiser steps of ORPO and of SFT alike; 0 for one pass over the pairs", min=0)
     lr: float = param(0.0, "learning rate of ORPO and SFT; 0 for 2e-4 with LoRA and 5e-6 without", min=0.0)
     beta: float = param(0.1, "λ, the weight of ORPO's odds-ratio term (0.1 as in the ORPO paper)", min=0.0)
@@ -148,6 +150,9 @@ class OrpoParams(StudyParams):
             raise ConfigError(problem)
         if not self.model_source.strip():
             raise ConfigError("model_source is empty: give smollm2, tiny, a Hugging Face id or a local folder")
+        if 0 < self.micro_batch_size < self.batch_size and self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}: "
+                              "choose a divisor (or 0 for one pass per batch)")
         if self.max_prompt_tokens and self.max_prompt_tokens + 8 > self.max_length:
             raise ConfigError(f"max_prompt_tokens {self.max_prompt_tokens} leaves no room for the answer within "
                               f"max_length {self.max_length}: lower it or raise max_length")
@@ -199,8 +204,11 @@ def compute(cfg: OrpoParams, progress: bool = True) -> dict:
         raise DataError(f"no training pair from the {len(train_users)} training users: their training parts hold "
                         "no titled item with a titled item before it")
     steps = cfg.max_steps or math.ceil(len(pairs) / cfg.batch_size)
-    train_config = llm.TrainConfig(max_steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.lr or None,
-                                   beta=cfg.beta, max_length=cfg.max_length, seed=cfg.seed)
+    micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
+    train_config = llm.TrainConfig(max_steps=steps, batch_size=micro,
+                                   gradient_accumulation_steps=cfg.batch_size // micro,
+                                   learning_rate=cfg.lr or None, beta=cfg.beta, max_length=cfg.max_length,
+                                   seed=cfg.seed)
     say(f"{len(pairs)} pairs ({cfg.strategy} rejected items); ORPO and SFT: {steps} steps of {cfg.batch_size}; "
         f"{len(prompts)} test users")
 
@@ -210,14 +218,15 @@ def compute(cfg: OrpoParams, progress: bool = True) -> dict:
     training: dict[str, dict] = {}
     candidates = np.empty(0)
     for stage in STAGES:
-        if stage == "sft":  # SFT starts from the same weights as ORPO did
-            del lm
+        if stage == "sft":  # a fresh copy: SFT starts from the weights ORPO started from
+            lm = None  # let the ORPO-trained model go before loading another
             lm = llm.load_llm(llm_config(cfg))
-        if stage != "zero_shot":
+        if stage in ("orpo", "sft"):
             say(f"training with {stage.upper()}...")
-            run = (llm.train_orpo if stage == "orpo" else llm.train_sft)(lm, pairs, train_config)
-            training[stage] = run.to_dict()
-            say(f"  {run.steps} steps in {run.seconds:.0f} s, last loss {run.curves['loss'][-1]:.4f}")
+            train = llm.train_orpo if stage == "orpo" else llm.train_sft
+            training[stage] = train(lm, pairs, train_config).to_dict()  # curves, steps, examples, seconds
+            done = training[stage]
+            say(f"  {done['steps']} steps in {done['seconds']:.0f} s, last loss {done['curves']['loss'][-1]:.4f}")
         say(f"scoring the test users ({stage})...")
         rows[stage], score_tables[stage], candidates = evaluate_llm(lm, data, prompts, titles, top, cfg)
         say(f"  NDCG@10: (a) {rows[stage]['sampled']['metrics']['ndcg@10']:.4f}, "
@@ -534,14 +543,16 @@ def setup_text(doc: dict) -> str:
         f"- **Test users**: {te['n_users']:,} scored of {te['requested']:,} drawn; "
         f"{_count(te['untitled_targets'], 'user')} skipped for an untitled test item, "
         f"{_count(te['no_titled_history'], 'user')} for a history without titles.",
-        f"- **Prompts**: at most {r['prompts']['max_prompt_tokens']} tokens; mean {r['prompts']['mean_tokens']['train']:.0f} "
+        f"- **Prompts**: at most {r['prompts']['max_prompt_tokens']} tokens; "
+        f"mean {r['prompts']['mean_tokens']['train']:.0f} "
         f"(training) and {r['prompts']['mean_tokens']['test']:.0f} (test) tokens. Too long for the budget, and cut by "
         f"dropping their oldest items: {_count(tr['truncated_prompts'], 'training prompt')} "
         f"({_count(tr['items_dropped'], 'item')} dropped) and {_count(te['truncated_prompts'], 'test prompt')} "
         f"({_count(te['items_dropped'], 'item')} dropped).",
-        f"- **Mamba4Rec** ({'loaded from the checkpoint of an earlier run' if mamba['reused'] else 'trained in this run'}): "
+        f"- **Mamba4Rec** ({'loaded from an earlier run' if mamba['reused'] else 'trained in this run'}): "
         f"{len(mamba['history'])} epochs of {mamba['pairs_per_epoch']:,} pairs, best epoch {mamba['best_epoch']}; "
-        f"test over all items (full ranking): HR@10 {mamba['test']['hr@10']:.4f}, NDCG@10 {mamba['test']['ndcg@10']:.4f}.",
+        f"test over all items (full ranking): HR@10 {mamba['test']['hr@10']:.4f}, "
+        f"NDCG@10 {mamba['test']['ndcg@10']:.4f}.",
     ]
     return "\n".join(lines)
 
@@ -602,7 +613,8 @@ def costs(doc: dict) -> pd.DataFrame:
     out = []
     for stage in ("orpo", "sft"):
         t = r["training"][stage]
-        out.append((f"{stage.upper()} step ({t['config']['batch_size']} examples)", t["seconds"] / max(t["steps"], 1)))
+        batch = t["config"]["batch_size"] * t["config"]["gradient_accumulation_steps"]
+        out.append((f"{stage.upper()} step ({batch} examples)", t["seconds"] / max(t["steps"], 1)))
     for stage in STAGES:
         a, b = rows[stage]["sampled"], rows[stage]["rerank"]
         out.append((f"scoring one user, (a), {STAGE_NAMES[stage]}", a["seconds"] / max(a["scored_users"], 1)))
@@ -634,7 +646,8 @@ def figure5(doc: dict):
         ("loss", [("ORPO: NLL + λ·L_OR", orpo, "loss"), ("SFT", sft, "loss")], None),
         ("NLL of prompt + chosen", [("ORPO", orpo, "nll_loss"), ("SFT", sft, "loss")], None),
         ("log odds ratio (chosen vs rejected)", [("ORPO", orpo, "log_odds_chosen")], 0.0),
-        ("reward: λ · mean log p", [("chosen", orpo, "rewards/chosen"), ("rejected", orpo, "rewards/rejected")], None),
+        ("reward: λ · mean log p", [("chosen", orpo, "rewards/chosen"), ("rejected", orpo, "rewards/rejected")],
+         None),
         ("preference accuracy", [("ORPO", orpo, "rewards/accuracies")], 0.5),
         ("reward margin (chosen − rejected)", [("ORPO", orpo, "rewards/margins")], 0.0),
     ]
