@@ -24,6 +24,34 @@ Determinism: the trainer seeds python, numpy and torch, and shuffles with its ow
 generator, every RNG state and the callbacks' state, so ``resume=True`` continues an interrupted run
 exactly where it stopped. Checkpoints hold tensors and plain Python values only, so they load with
 ``torch.load(weights_only=True)``.
+
+Several processes (``torchrun --nproc_per_node N``; :mod:`paperlib.distributed`): when a process
+group of more than one rank exists, the same loop trains with ``DistributedDataParallel`` (gloo on
+CPU, nccl on GPU, one GPU per rank) and gives what one process would, up to float rounding:
+
+* every rank draws the same global window order from the seed and forms the same global batch of
+  at most ``batch_size`` pairs (the batch size stays global); rank r trains on its share of that
+  batch's windows, balanced by pairs (:func:`paperlib.distributed.share_bounds`), and its loss is
+  scaled by ``pairs_r * world / pairs`` so that DDP's gradient average is the pair-weighted mean
+  over the global batch. A rank left without a window (a batch of fewer windows than ranks) runs
+  one window with weight 0, so that it still takes part in DDP's all-reduce;
+* with ``gradient_groups`` m > 1 the global batch is split into m groups as in one process,
+  group j's gradient is computed on rank ``j mod world`` and the m x P matrix is summed over the
+  ranks: every rank holds the gradients one process would compute, bit for bit, and the
+  batch-size tests see every rank's gradients (DDP is bypassed there: it reduces one gradient
+  per backward pass, not m rows);
+* evaluation is sharded by evaluation batches (batch i on rank ``i mod world``, the same batches
+  one process forms) and the target ranks are gathered, so the metrics are exactly those of one
+  process; early stopping then decides the same on every rank;
+* only rank 0 writes checkpoints (and logs, and shows progress); on resume rank 0 reads
+  ``last.pt`` and broadcasts it, so the other ranks need no copy of the file. A checkpoint holds
+  the global order and position, never a rank's share, so it resumes at any world size;
+* dropout (and BERT4Rec's masks) draw from each rank's own torch RNG, seeded ``seed + rank``;
+  rank 0 is restored exactly on resume, the other ranks are reseeded from the seed, their rank
+  and the pairs trained so far (a resumed multi-process run is reproducible, but its dropout on
+  ranks > 0 differs from the uninterrupted run's).
+
+Every rank checks that all ranks hold the same dataset (checksum) and settings before training.
 """
 
 from __future__ import annotations
@@ -43,9 +71,10 @@ import numpy as np
 import torch
 from tqdm import tqdm  # the plain bar: tqdm.auto warns without ipywidgets in notebooks
 
+from paperlib import distributed
 from paperlib.data.sequences import SequentialData, TrainBatch, TrainLoader, eval_batches
 from paperlib.fields import Checked, ConfigError, param
-from paperlib.metrics import DEFAULT_KS, METRIC_NAMES, RankingAccumulator
+from paperlib.metrics import DEFAULT_KS, METRIC_NAMES, RankingAccumulator, metrics_from_ranks
 from paperlib.models import MODELS, config_from_dict, model_name
 from paperlib.models.base import SequentialRecommender
 from paperlib.runtime import atomic_write, progress_enabled
@@ -135,6 +164,7 @@ class FitResult:
     pairs_per_epoch: int = 0
     steps: list[dict[str, Any]] = field(default_factory=list)
     test_seen_removed: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1  # processes that trained the run (DDP ranks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,6 +274,7 @@ def evaluate(
     ks: Sequence[int] = DEFAULT_KS,
     device: str | torch.device | None = None,
     exclude_seen: bool = False,
+    sharded: bool = False,
 ) -> dict[str, float]:
     """Full-ranking HR/NDCG/MRR@K of ``split`` ("valid" or "test"): each user's history is scored
     against the whole catalogue with ``model.score`` (padding excluded, seen items not masked, as
@@ -252,6 +283,10 @@ def evaluate(
     ``exclude_seen=True`` also removes every item of the user's whole history from the ranking:
     the protocol of several SASRec papers, not RecBole's, and not comparable with it (it is an
     easier task on datasets without repeats, such as MovieLens).
+
+    ``sharded=True`` (every rank of a process group calls it): rank r scores evaluation batches
+    r, r + world, … and the target ranks are gathered in user order, so every rank returns exactly
+    the metrics of one process with the same ``batch_size`` (the batches are the same).
 
     Returns:
         ``{"hr@5": …, "ndcg@5": …, "mrr@5": …, …}`` averaged over users.
@@ -262,8 +297,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     acc = RankingAccumulator(ks)
+    world = distributed.world_size() if sharded else 1
     try:
-        for batch in eval_batches(data, split, batch_size):
+        for i, batch in enumerate(eval_batches(data, split, batch_size)):
+            if i % world != distributed.rank() % world:
+                continue  # another rank's batch
             scores = model.score(batch.items.to(device), batch.lengths.to(device))
             if histories is not None:
                 seen = [torch.from_numpy(histories[u]) for u in batch.users.tolist()]
@@ -272,7 +310,21 @@ def evaluate(
             acc.add(scores, batch.targets.to(device))
     finally:
         model.train(was_training)
+    if world > 1:
+        return metrics_from_ranks(_gather_ranks(acc.ranks, data.n_users, batch_size), acc.ks)
     return acc.result()
+
+
+def _gather_ranks(mine: torch.Tensor, n_users: int, batch_size: int) -> torch.Tensor:
+    """Every rank's target ranks put back in user order (batch i was scored on rank i mod world)."""
+    parts = distributed.all_gather_varlen(mine)
+    taken = [0] * len(parts)
+    out = []
+    for i, start in enumerate(range(0, n_users, batch_size)):
+        owner, size = i % len(parts), min(batch_size, n_users - start)
+        out.append(parts[owner][taken[owner]:taken[owner] + size])
+        taken[owner] += size
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------- training
@@ -324,6 +376,19 @@ class Callback:
         """Restore what ``state_dict`` returned."""
 
 
+class _ModelLoss(torch.nn.Module):
+    """``forward(batch) = model.loss(batch)``: what DistributedDataParallel wraps, so that the loss
+    (not ``model.forward``) goes through DDP's forward and its gradients are all-reduced. The
+    model is held as it is: its parameter names in checkpoints do not change."""
+
+    def __init__(self, model: SequentialRecommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: TrainBatch) -> torch.Tensor:
+        return self.model.loss(batch)
+
+
 class Trainer:
     """Trains one model on one dataset (see the module docstring).
 
@@ -349,7 +414,7 @@ class Trainer:
         self.model, self.data, self.callbacks = model, data, list(callbacks)
         self.name = model_name(model)
         self.model_cfg = asdict(model.config)
-        self.device = resolve_device(config.device)
+        self.device = distributed.rank_device(resolve_device(config.device))
         ckpt = checkpoint_dir if checkpoint_dir is not None else config.checkpoint_dir
         self.checkpoint_dir = Path(ckpt) if ckpt is not None else None
         self.progress = progress_enabled(progress)
@@ -367,6 +432,9 @@ class Trainer:
         self.best_valid: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.gradients = None  # the last step's micro-batch gradients (gradient_groups > 1)
+        self.ddp = self._join_ranks()  # DistributedDataParallel in a process group, else None
+        # evaluation sharded over the ranks; no argument at all in one process
+        self._sharding: dict[str, bool] = {"sharded": True} if self.ddp is not None else {}
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> FitResult:
@@ -392,15 +460,17 @@ class Trainer:
             self.run_epoch()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        test = evaluate(self.model, self.data, "test", self.config.eval_batch_size, self.config.ks, self.device)
+        test = evaluate(self.model, self.data, "test", self.config.eval_batch_size, self.config.ks, self.device,
+                        **self._sharding)
         test_seen_removed = evaluate(self.model, self.data, "test", self.config.eval_batch_size, self.config.ks,
-                                     self.device, exclude_seen=True)
+                                     self.device, exclude_seen=True, **self._sharding)
         logger.info("%s: test %s", self.name, ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         return FitResult(
             model_name=self.name, model_config=self.model_cfg, train_config=self.config.to_dict(),
             history=self.history, best_epoch=self.stopping.best_epoch, best_valid=dict(self.best_valid), test=test,
             wall_seconds=time.perf_counter() - started, stopped_early=self.stopping.stopped, device=str(self.device),
             pairs_per_epoch=self.loader.n_pairs, steps=self.steps, test_seen_removed=test_seen_removed,
+            world_size=distributed.world_size(),
         )
 
     def run_epoch(self) -> dict[str, Any]:
@@ -426,7 +496,7 @@ class Trainer:
         self._log_epoch(entry)
         for cb in self.callbacks:
             cb.on_epoch_end(self, entry)
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and distributed.is_main():
             self.save(improved)
         return entry
 
@@ -469,6 +539,8 @@ class Trainer:
             loss.backward()
             return loss
 
+        if self.ddp is not None:  # this rank's share of the batch, through DDP
+            closure = self._ddp_closure(batch)
         value = self._gradients(batch) if self.config.gradient_groups > 1 else closure().item()
         if not math.isfinite(value):
             kept = (f"the checkpoints of epoch {self.epoch} are kept in {self.checkpoint_dir}"
@@ -491,7 +563,10 @@ class Trainer:
 
         groups = batch.split(min(self.config.gradient_groups, batch.items.shape[0]))
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.gradients = group_gradients(params, self.model.loss, groups, sizes=[g.n_pairs for g in groups])
+        if self.ddp is not None:
+            self.gradients = self._sharded_group_gradients(params, groups)
+        else:
+            self.gradients = group_gradients(params, self.model.loss, groups, sizes=[g.n_pairs for g in groups])
         self.optimizer.zero_grad(set_to_none=True)
         set_flat_grad(params, self.gradients.mean)
         return self.gradients.loss
@@ -499,7 +574,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation metrics, with the optimizer's evaluation weights where it has them."""
         with self._evaluation_weights():
-            return evaluate(self.model, self.data, "valid", self.config.eval_batch_size, self.config.ks, self.device)
+            return evaluate(self.model, self.data, "valid", self.config.eval_batch_size, self.config.ks, self.device,
+                            **self._sharding)
 
     # ------------------------------------------------------------------ pieces
     def step_size(self) -> float:
@@ -522,6 +598,8 @@ class Trainer:
             cb.after_step(self, record)
 
     def _log_epoch(self, entry: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return  # one log line per epoch, not one per rank
         metric = self.config.valid_metric
         k = metric.partition("@")[2]
         valid = entry["valid"]
@@ -532,6 +610,92 @@ class Trainer:
         if self.stopping.stopped:
             logger.info("%s: no better %s for %d epochs, stopping; best epoch %d (%.4f)", self.name, metric,
                         self.stopping.bad_epochs, self.stopping.best_epoch, self.stopping.best_metric)
+
+    # ------------------------------------------------------------------ several processes
+    def _join_ranks(self) -> torch.nn.parallel.DistributedDataParallel | None:
+        """In a process group of more than one rank: check that every rank has the same data and
+        settings (an error on every rank otherwise), seed each rank's dropout, and wrap the loss
+        in DDP. Without one: None, and the loop is the single-process one."""
+        if not distributed.active():
+            return None
+        world, rank = distributed.world_size(), distributed.rank()
+        if world > self.data.n_users:
+            raise ValueError(f"{world} processes for the {self.data.n_users} users of {self.data.name!r}: use at "
+                             f"most {self.data.n_users} processes (--nproc / --nproc_per_node)")
+        distributed.check_same(distributed.data_checksum(self.data), f"the checksum of dataset {self.data.name!r}")
+        shared = {k: v for k, v in self.config.to_dict().items() if k != "checkpoint_dir"}
+        distributed.check_same(repr(sorted(shared.items())) + repr(sorted(self.model_cfg.items())),
+                               "the training and model settings")
+        if rank > 0:
+            torch.manual_seed(self.config.seed + rank)  # each rank its own dropout stream
+            self.progress = False
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # DDP broadcasts rank 0's weights now: every rank starts from the same model
+        return torch.nn.parallel.DistributedDataParallel(_ModelLoss(self.model), device_ids=ids)
+
+    def _rank_share(self, batch: TrainBatch) -> tuple[TrainBatch, float]:
+        """This rank's windows of the global ``batch`` and the weight of its mean loss,
+        ``pairs_r * world / pairs``, so that DDP's average of the rank gradients is the global
+        pair-weighted mean. A rank without a window gets the first one with weight 0."""
+        world = distributed.world_size()
+        counts = batch.counted.sum(dim=1).cpu().numpy()
+        start, stop = distributed.share_bounds(counts, world)[distributed.rank()]
+        if start == stop:
+            return batch.rows(0, 1), 0.0
+        local = batch.rows(start, stop)
+        return local, local.n_pairs * world / batch.n_pairs
+
+    def _ddp_closure(self, batch: TrainBatch):
+        """The training closure of a rank: its share's scaled loss through DDP, backward (DDP
+        all-reduces the gradients), and the global batch's mean loss, the same on every rank."""
+        local, weight = self._rank_share(batch)
+        world = distributed.world_size()
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.ddp(local) * weight
+            loss.backward()
+            return distributed.all_reduce_sum(loss.detach()) / world
+
+        return closure
+
+    def _sharded_group_gradients(self, params: list[torch.Tensor], groups: list[TrainBatch]):
+        """G of the global batch's ``groups`` over the ranks: group j's mean gradient is computed
+        on rank ``j mod world`` (exactly as one process computes it), the other rows are zero, and
+        the sum over ranks is the G of one process; its mean and loss follow on every rank."""
+        from paperlib.adaptive.grads import BatchGradients, group_gradients
+
+        world, rank, m = distributed.world_size(), distributed.rank(), len(groups)
+        sizes = torch.tensor([g.n_pairs for g in groups], dtype=torch.int64)
+        rows = torch.zeros(m, sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        mine = list(range(rank, m, world))
+        if mine:
+            part = group_gradients(params, self.model.loss, [groups[j] for j in mine],
+                                   sizes=[int(sizes[j]) for j in mine])
+            rows[mine] = part.rows
+            loss_sum += part.loss * part.batch_size
+        rows = distributed.all_reduce_sum(rows)
+        total = int(sizes.sum())
+        mean = (sizes.to(rows.dtype).to(rows.device) @ rows) / total  # as group_gradients forms it
+        loss = float(distributed.all_reduce_sum(loss_sum)) / total
+        return BatchGradients(rows, sizes, mean, loss, "groups")
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """``_read(path)``; in a process group rank 0 reads and broadcasts it (its error too, so
+        that every rank raises it rather than wait)."""
+        if not distributed.active():
+            return _read(path)
+        outcome: tuple[str, Any] = ("", None)
+        if distributed.is_main():
+            try:
+                outcome = ("ok", _read(path))
+            except (OSError, ValueError, RuntimeError) as exc:
+                outcome = ("error", f"{type(exc).__name__}: {exc}")
+        status, value = distributed.broadcast_object(outcome)
+        if status != "ok":
+            raise ValueError(f"rank 0 could not read the checkpoint {path}: {value}")
+        return value
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, improved: bool) -> None:
@@ -562,7 +726,7 @@ class Trainer:
         if self.checkpoint_dir is None:
             raise ValueError("resume=True needs a checkpoint_dir to resume from")
         last = self.checkpoint_dir / LAST
-        if not last.is_file():
+        if not distributed.broadcast_object(last.is_file()):  # rank 0's disk decides for every rank
             logger.info("%s: no checkpoint at %s, training from scratch", self.name, last)
             return
         self.restore(last)
@@ -570,7 +734,7 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         """Load the whole loop state of ``last.pt``; refuses another model or configuration."""
-        ckpt = _read(path)
+        ckpt = self._read_checkpoint(path)
         if ckpt["model_name"] != self.name:
             raise ValueError(f"{path} holds a {ckpt['model_name']!r} run; cannot resume it with a {self.name!r} model")
         if ckpt["model_config"] != self.model_cfg:
@@ -589,6 +753,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         _set_rng_state(ckpt["rng"], self.generator)
+        if distributed.rank() > 0:  # the checkpoint holds rank 0's RNG; see the module docstring
+            torch.manual_seed(self.config.seed + distributed.rank() + 1_000_003 * int(ckpt["examples"]))
         self.epoch, self.history, self.steps = ckpt["epoch"], list(ckpt["history"]), list(ckpt["steps"])
         self.examples, self.train_seconds = ckpt["examples"], ckpt["train_seconds"]
         self.loader.load_state_dict(ckpt["loader"])

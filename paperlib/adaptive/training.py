@@ -7,6 +7,13 @@ the batch-size test on those m rows (the group estimator of :mod:`paperlib.adapt
 and sets the loader's batch size for the very next step, without restarting the pass. Batch sizes
 count (prefix, target) pairs, as everywhere in the project. The controller's state is saved in
 every checkpoint, so a resumed run continues the schedule exactly.
+
+Several processes (a process group, see :mod:`paperlib.train`): the batch size is global (the sum
+of the ranks' shares), and ``trainer.gradients`` holds the micro-batch gradients of the whole
+global batch on every rank (each rank computes some groups, the rows are all-reduced), so every
+rank runs the test on all ranks' gradients and reaches the same statistic and the same new size.
+Rank 0's choice is broadcast all the same, so that no float difference between devices can ever
+give two ranks different batches.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from paperlib import distributed
 from paperlib.adaptive.controller import BatchSizeConfig, BatchSizeController
 from paperlib.train import Callback, Trainer
 
@@ -49,6 +57,7 @@ class AdaptiveBatchSize(Callback):
         # the schedule itself stays on budgets, which only grow
         self.controller.batch_size = int(grads.sizes.sum())
         new = max(self.controller.update(grads.rows, **grads.test_kwargs()), budget)
+        new = distributed.broadcast_object(new)  # the same size on every rank (a no-op in one process)
         self.controller.batch_size = trainer.loader.batch_size = new
         self.budgets.append(new)
 

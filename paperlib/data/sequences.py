@@ -145,6 +145,13 @@ class TrainBatch:
                  for t in (self.items, self.targets, self.lengths, self.loss_mask)]
         return [TrainBatch(*(p[j] for p in parts)) for j in range(m)]
 
+    def rows(self, start: int, stop: int) -> "TrainBatch":
+        """Windows ``start..stop-1`` of the batch (a rank's share of a global batch)."""
+        if not 0 <= start < stop <= self.items.shape[0]:
+            raise ValueError(f"cannot take windows {start}..{stop - 1} of a batch of {self.items.shape[0]}")
+        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return TrainBatch(cut(self.items), cut(self.targets), cut(self.lengths), cut(self.loss_mask))
+
     def to(self, device: torch.device | str) -> "TrainBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return TrainBatch(move(self.items), move(self.targets), move(self.lengths), move(self.loss_mask))
