@@ -111,6 +111,7 @@ def save_results(
     output_dir: str | os.PathLike | None = None,
     wall_seconds: float | None = None,
     started: str | None = None,
+    extra_provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the results JSON atomically and return its path.
 
@@ -119,6 +120,7 @@ def save_results(
         preset: the preset the run used.
         params: the resolved notebook parameters (stored verbatim).
         results: the study's own payload (metrics per seed, trajectories, tables' raw numbers…).
+        extra_provenance: added to the provenance (a merged study lists its shards there).
     """
     path = results_path(study, preset, output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +130,7 @@ def save_results(
         "preset": preset,
         "params": _jsonable(dict(params)),
         "results": _jsonable(dict(results)),
-        "provenance": provenance(wall_seconds, started),
+        "provenance": {**provenance(wall_seconds, started), **_jsonable(dict(extra_provenance or {}))},
     }
     with atomic_write(path) as fh:
         json.dump(doc, fh, indent=1, sort_keys=False)
@@ -203,3 +205,80 @@ def save_table(df: pd.DataFrame, name: str, output_dir: str | os.PathLike | None
     tex.write_text(df.to_latex(caption=caption or None, label=f"tab:{name}"), encoding="utf-8")
     df.to_csv(csv)
     return [md, tex, csv]
+
+
+# ----------------------------------------------------------------------------- partial results (shards)
+#
+# A study split with ``paperlib run … --shard i/n`` writes one partial results file per shard,
+# ``<results>/shards/<study>.<preset>.<i>-of-<n>.json``: the same document as a results JSON plus
+# ``shard`` (its index, the shard count, the indices of its runs in the study's order and the
+# study's number of runs) and ``code`` (the fingerprint of the code that shapes a run).
+# ``paperlib merge`` combines them (:func:`paperlib.distributed.merge_partials`) into the one
+# results JSON the notebook renders.
+
+
+def partials_dir(output_dir: str | os.PathLike | None = None) -> Path:
+    return paths.results_dir(output_dir) / "shards"
+
+
+def partial_results_path(study: str, preset: str, label: str, output_dir: str | os.PathLike | None = None) -> Path:
+    """The partial results file of shard ``label`` (``2-of-8``)."""
+    return partials_dir(output_dir) / f"{study}.{preset}.{label}.json"
+
+
+def save_partial_results(
+    study: str,
+    preset: str,
+    params: Mapping[str, Any],
+    results: Mapping[str, Any],
+    *,
+    shard: Mapping[str, Any],
+    code: str,
+    output_dir: str | os.PathLike | None = None,
+    wall_seconds: float | None = None,
+    started: str | None = None,
+) -> Path:
+    """Write one shard's partial results atomically and return the path.
+
+    Args:
+        shard: ``index``, ``count`` (1-based ``i`` of ``n``), ``runs`` (indices of the payload's
+            runs in the study's order) and ``total`` (the study's number of runs).
+        code: fingerprint of the code that shapes a run; partials of other code are not merged.
+    """
+    label = f"{shard['index']}-of-{shard['count']}"
+    path = partial_results_path(study, preset, label, output_dir)
+    doc = {
+        "schema": SCHEMA_VERSION,
+        "study": study,
+        "preset": preset,
+        "params": _jsonable(dict(params)),
+        "results": _jsonable(dict(results)),
+        "shard": _jsonable(dict(shard)),
+        "code": code,
+        "provenance": provenance(wall_seconds, started),
+    }
+    with atomic_write(path) as fh:
+        json.dump(doc, fh, indent=1)
+        fh.write("\n")
+    return path
+
+
+def load_partial_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a partial results file; a clear error for a missing, unreadable or wrong one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"no partial results at {path}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path} is not valid JSON ({exc}); compute that shard again") from exc
+    needed = {"study", "preset", "params", "results", "shard", "code"}
+    if not isinstance(doc, dict) or not needed <= set(doc):
+        raise ResultsError(f"{path} is not a partial results file (it lacks "
+                           f"{sorted(needed - set(doc)) if isinstance(doc, dict) else sorted(needed)})")
+    return doc
+
+
+def find_partial_results(study: str, preset: str, output_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Every partial results file of (study, preset) in the results folder, by name."""
+    return sorted(partials_dir(output_dir).glob(f"{study}.{preset}.*-of-*.json"))

@@ -319,3 +319,114 @@ def test_shard_specifications():
             Shard.parse(bad)
     with pytest.raises(ValueError, match="9 shards for 4 runs"):
         Shard(1, 9).select(4)
+
+
+# --------------------------------------------------------------------------- many runs, shards
+STRIP = {"wall_seconds", "train_seconds", "eval_seconds", "seconds"}  # timings differ between runs
+
+
+def without_timings(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in STRIP}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+SMALL = ["-p", "models", "[gru4rec, sasrec]", "-p", "seeds", "[1, 2]"]
+
+
+@pytest.fixture(scope="module")
+def shards(real_data, tmp_path_factory) -> dict[str, Any]:
+    """The smoke quality study (two models, two seeds) in one go and in two shards, merged."""
+    from paperlib.cli import main
+    from paperlib.config import merge
+    from paperlib.results import find_partial_results, load_results
+    from paperlib.studies import quality
+
+    root = tmp_path_factory.mktemp("shards")
+    os.environ["PAPERLIB_BUILD"] = str(root / "build")
+    try:
+        cfg = merge(quality.QualityParams, "02_quality", "smoke",
+                    {"models": ["gru4rec", "sasrec"], "seeds": [1, 2], "recompute": True,
+                     "output_dir": str(root / "whole")})
+        whole = quality.compute(cfg, progress=False)
+        for i in (1, 2):
+            assert main(["run", "02_quality", "--preset", "smoke", "--shard", f"{i}/2", *SMALL,
+                         "--output-dir", str(root / "sharded")]) == 0
+    finally:
+        os.environ.pop("PAPERLIB_BUILD", None)
+    partials = find_partial_results("quality", "smoke", root / "sharded")
+    assert main(["merge", "02_quality", "--preset", "smoke", "--output-dir", str(root / "sharded")]) == 0
+    return {"whole": whole, "merged": load_results("quality", "smoke", root / "sharded"), "partials": partials,
+            "root": root}
+
+
+def test_shards_merged_equal_an_unsharded_run(shards):
+    whole, merged = shards["whole"], shards["merged"]
+    assert [p.name for p in shards["partials"]] == ["quality.smoke.1-of-2.json", "quality.smoke.2-of-2.json"]
+    assert len(merged["results"]["runs"]) == 4
+    assert without_timings(merged["results"]) == without_timings(whole["results"])
+    differ = {k for k in whole["params"] if whole["params"][k] != merged["params"][k]}
+    assert differ == {"output_dir"}
+    assert [s["shard"] for s in merged["provenance"]["merged_from"]] == [1, 2]
+
+
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    doc = json.loads(src.read_text())
+    edit(doc)
+    dst.write_text(json.dumps(doc))
+    return dst
+
+
+def test_merge_refuses_overlapping_incomplete_or_incompatible_shards(shards, tmp_path, capsys):
+    from paperlib.cli import main
+
+    one, two = shards["partials"]
+    again = tmp_path / "again.json"
+    shutil.copy(one, again)
+    lr = _edited_copy(two, tmp_path / "lr.json", lambda d: d["params"].update(lr=0.5))
+    code = _edited_copy(two, tmp_path / "code.json", lambda d: d.update(code="0" * 40))
+    split = _edited_copy(two, tmp_path / "split.json", lambda d: d["shard"].update(count=3))
+    cases = {
+        (one, again, two): "shard 1/2 appears twice",
+        (one,): "shard(s) 2/2 missing",
+        (one, lr): "different settings: lr=0.5 vs 0.001",
+        (one, code): "different code",
+        (one, split): "the study was split differently",
+    }
+    for files, message in cases.items():
+        args = ["merge", "02_quality", "--preset", "smoke", "--output-dir", str(tmp_path / "out"), "--files", *map(str, files)]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err, message
+    assert not (tmp_path / "out" / "results" / "quality.smoke.json").exists()
+
+
+def test_cli_refuses_bad_spreading(capsys):
+    from paperlib.cli import main
+
+    for args, message in (
+        (["run", "02_quality", "--shard", "3/2"], "shard 3/2"),
+        (["run", "02_quality", "--nproc", "0"], "--nproc must be at least 1"),
+        (["run", "01_datasets", "--nproc", "2"], "01_datasets cannot be spread"),
+        (["run", "02_quality", "--shard", "1/2", "--render"], "--render draws from existing results"),
+        (["merge", "02_quality", "--preset", "smoke", "--output-dir", "/nonexistent/x"], "no partial results"),
+    ):
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err, message
+
+
+def test_run_nproc_trains_with_torchrun(real_data, tmp_path, monkeypatch):
+    """``paperlib run … --nproc 2`` as a user types it: torchrun starts two processes that train
+    the smoke study together; rank 0 alone writes the (here: single-shard) results."""
+    from paperlib.cli import main
+    from paperlib.results import load_partial_results, partial_results_path
+
+    monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
+    monkeypatch.setenv("PAPERLIB_DIST_TIMEOUT", "120")
+    assert main(["run", "02_quality", "--preset", "smoke", "--nproc", "2", "--shard", "1/1", "-p", "models",
+                 "[gru4rec]", "--output-dir", str(tmp_path)]) == 0
+    doc = load_partial_results(partial_results_path("quality", "smoke", "1-of-1", tmp_path))
+    (run,) = doc["results"]["runs"]
+    assert run["world_size"] == 2 and run["model"] == "gru4rec" and len(run["history"]) >= 1
+    assert sorted(p.name for p in (tmp_path / "results" / "shards").iterdir()) == ["quality.smoke.1-of-1.json"]
