@@ -20,11 +20,18 @@ here with :func:`paperlib.train.fit` and checkpointed under
 ``build/``), the key naming its settings and training code, so a rerun resumes an interrupted
 training and reuses a finished one.
 
-Costs that sized the ``quick`` preset (SmolLM2-135M with LoRA, one CPU thread on a busy 2-core
-machine): one ORPO step of 8 pairs of about 170 prompt tokens 21-30 s, one SFT step about half that;
-scoring 20 candidates for one user 3.5-5 s (the prompt runs once, its key/value cache is shared by
-the candidates); one Mamba4Rec epoch over ML-1M about 190 s of training and 30 s of validation. Under
-protocol (b) only users whose true item is in the list are scored: the others are misses anyway.
+Costs that sized the ``quick`` preset, measured with one CPU thread on a busy 2-core machine
+(SmolLM2-135M with LoRA, prompts of about 170 tokens): one ORPO step of 8 pairs 21-60 s (the load
+varied), one SFT step about 0.6 of that; scoring the 20 candidates of one user 3.5-5.5 s (the prompt
+runs once and its key/value cache is shared by the candidates); one Mamba4Rec epoch over ML-1M about
+190 s of training and 30 s of validation. An ORPO step of 8 pairs in one pass peaks at about 10 GB
+of memory, in two micro-batches of 4 at about 7 GB. Under protocol (b) only the users whose true
+item is in the list are scored: the others are misses whatever the LLM says.
+
+From these, the ``quick`` preset (256 pairs, 32 steps each of ORPO and SFT, 200 test users, two
+Mamba4Rec epochs) takes about 72 minutes of such single-thread time: loading 1.5, Mamba4Rec 8,
+ORPO 13, SFT 8, scoring 35 under (a) and 7 under (b). Two threads on a quiet 2-core machine should
+bring it to about 40 minutes; ``test_users`` sets most of it.
 """
 
 from __future__ import annotations
@@ -53,10 +60,7 @@ KS: tuple[int, ...] = (1, 5, 10)
 TABLE_METRICS: tuple[str, ...] = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10")
 #: the LLM's three states, in the order they are evaluated
 STAGES: tuple[str, ...] = ("zero_shot", "orpo", "sft")
-PROTOCOLS: dict[str, str] = {
-    "sampled": "(a) true item + sampled items",
-    "rerank": "(b) re-ranking Mamba4Rec's top list",
-}
+STAGE_NAMES: dict[str, str] = {"zero_shot": "zero-shot", "sft": "after SFT", "orpo": "after ORPO"}
 #: row order and labels of Table 4, per protocol
 ROWS: dict[str, list[tuple[str, str]]] = {
     "sampled": [("popularity", "Popularity"), ("mamba4rec", "Mamba4Rec alone"), ("zero_shot", "LLM zero-shot"),
@@ -132,7 +136,7 @@ class OrpoParams(StudyParams):
     n_negatives: int = param(19, "protocol (a): the true item and this many items the user never chose", min=9)
     rerank_k: int = param(20, "protocol (b): length of Mamba4Rec's list that the LLM re-orders", min=10)
     n_examples: int = param(3, "test users whose prompt and top choices the notebook shows", min=0)
-    mamba_epochs: int = param(3, "Mamba4Rec's maximum epochs", min=1)
+    mamba_epochs: int = param(2, "Mamba4Rec's maximum epochs", min=1)
     mamba_patience: int = param(10, "Mamba4Rec stops after more than this many epochs without a better validation "
                                 "NDCG@10", min=0)
     mamba_batch_size: int = param(2048, "Mamba4Rec's (prefix, target) pairs per step, as RecBole's "
@@ -441,14 +445,8 @@ def examples(n: int, prompts, titles, candidates: np.ndarray, tables: dict[str, 
 # tables, text and figures, from the results JSON alone
 
 
-def _label(doc: dict, protocol: str, row: str) -> str:
-    labels = dict(ROWS[protocol])
-    if protocol == "rerank":
-        return labels[row].replace("top list", f"top-{doc['results']['evaluation']['rerank_k']}")
-    return labels[row]
-
-
 def protocol_label(doc: dict, protocol: str) -> str:
+    """How Table 4 names a protocol, with its sizes from the results."""
     ev = doc["results"]["evaluation"]
     if protocol == "sampled":
         return f"(a) true item + {ev['n_negatives']} sampled"
@@ -601,9 +599,6 @@ def examples_text(doc: dict) -> str:
             parts.append(f"| {STAGE_NAMES[stage]} | {'; '.join(c['top'])} | {c['rank']} |")
         parts.append("")
     return "\n".join(parts)
-
-
-STAGE_NAMES = {"zero_shot": "zero-shot", "sft": "after SFT", "orpo": "after ORPO"}
 
 
 def costs(doc: dict) -> pd.DataFrame:
