@@ -360,3 +360,47 @@ def test_smoke_study_end_to_end(real_data, tmp_path):
     study.figure4(doc)
     assert not study.targets(doc).empty and not study.stream_table(doc).empty
     assert math.isfinite(float(np.nanmax(study.points_frame(doc)["median_s"])))
+
+
+# --------------------------------------------------------------------------- Mamba4Rec's CPU fast path
+def test_hash_dropout_drops_p_and_scales_the_rest():
+    from paperlib.models.scan import dropout
+
+    x = torch.rand(1_000_000) + 0.5  # no zeros of its own
+    torch.manual_seed(0)
+    y = dropout(x, 0.2)
+    dropped = float((y == 0).double().mean())
+    assert abs(dropped - 0.2) < 4 * math.sqrt(0.2 * 0.8 / x.numel())
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.8)
+    # neighbouring elements are not correlated (a counter-based mask must look independent)
+    k = kept.double()
+    corr = float(((k[1:] - 0.8) * (k[:-1] - 0.8)).mean() / (0.8 * 0.2))
+    assert abs(corr) < 0.01
+    assert torch.equal(dropout(x, 0.2, training=False), x) and torch.equal(dropout(x, 0.0), x)
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropout(x, 1.0)
+
+
+def test_hash_dropout_gradient_uses_the_forward_mask_and_seeds_follow_torch():
+    from paperlib.models.scan import dropout
+
+    x = (torch.rand(3, 50, 7, dtype=torch.float64) + 0.5).requires_grad_()
+    torch.manual_seed(1)
+    y = dropout(x, 0.3)
+    (grad,) = torch.autograd.grad((y * 2).sum(), x)
+    torch.testing.assert_close(grad, torch.where(y != 0, 2 / 0.7, 0.0).to(grad.dtype))
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, 0.3), y)  # torch.manual_seed reproduces the mask
+    assert not torch.equal(dropout(x, 0.3), y)  # the next call draws another
+
+
+def test_mamba4rec_trains_with_the_cheaper_dropout_and_evaluates_without():
+    from paperlib.models.mamba4rec import Dropout
+
+    model = _model("mamba4rec").train()
+    assert sum(isinstance(m, Dropout) for m in model.modules()) == 1 + 2 * 2  # embedding; per layer 2
+    items = _items(length=6)
+    assert not torch.equal(model(items), model(items))  # a new mask each call
+    model.eval()
+    torch.testing.assert_close(model(items), model(items), rtol=0, atol=0)

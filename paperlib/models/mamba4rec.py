@@ -23,7 +23,7 @@ from torch import nn
 from paperlib.fields import param
 from paperlib.models.base import ModelConfig, SequentialRecommender, init_weights
 from paperlib.models.mamba_block import MambaBlock, MambaState
-from paperlib.models.scan import BACKENDS
+from paperlib.models.scan import BACKENDS, dropout as hash_dropout
 
 
 @dataclass
@@ -56,6 +56,15 @@ class Mamba4RecConfig(ModelConfig):
         return self.inner_size if self.inner_size is not None else 4 * self.hidden_size
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with a cheaper mask on CPU (:func:`paperlib.models.scan.dropout`: the same
+    distribution, drawn from a hash instead of one generator call per element); ``F.dropout``
+    elsewhere. No parameters, so checkpoints are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hash_dropout(x, self.p, self.training)
+
+
 class FeedForward(nn.Module):
     """Position-wise FFN with residual and LayerNorm: (…, d) → (…, d)."""
 
@@ -64,7 +73,7 @@ class FeedForward(nn.Module):
         self.w_1 = nn.Linear(d_model, inner_size)
         self.w_2 = nn.Linear(inner_size, d_model)
         self.activation = nn.GELU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +92,7 @@ class MambaLayer(nn.Module):
         self.mamba = MambaBlock(
             d_model=d, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand, scan_backend=config.scan_backend
         )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.ffn = FeedForward(d, config.ffn_size, config.dropout, config.layer_norm_eps)
 
@@ -122,7 +131,7 @@ class Mamba4Rec(SequentialRecommender):
         d = config.hidden_size
         self.item_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.mamba_layers = nn.ModuleList([MambaLayer(config) for _ in range(config.n_layers)])
         self.apply(lambda m: init_weights(m, std=config.initializer_range))
 
