@@ -492,10 +492,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     ``torch.manual_seed`` makes it reproducible), computed in parallel and regenerated in the
     backward pass instead of stored.
 
-    Measured on the 2-core development machine (1 thread): the seven dropouts of a 2-layer
-    Mamba4Rec training step at batch 256, L 200 (43 M elements, forward and backward) took 0.52 s
-    with ``F.dropout`` (``aten::bernoulli_`` draws one number per element from a sequential
-    generator) and 0.10 s here.
+    Measured on the 2-core development machine (1 thread, load average 3.7 from other work): the
+    seven dropouts of a 2-layer Mamba4Rec training step at batch 256, L 200 (43 M elements, forward
+    and backward) took 0.98 s with ``F.dropout`` (``aten::bernoulli_`` draws one number per element
+    from a sequential generator) and 0.46 s here, most of it the page faults of the new output
+    tensors (the mask itself costs about 0.6 ns an element).
 
     Where the kernel does not apply (not training, p = 0, a GPU tensor, a dtype other than float32 or
     float64, no numba) it is ``F.dropout`` itself.
