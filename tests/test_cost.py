@@ -404,3 +404,80 @@ def test_mamba4rec_trains_with_the_cheaper_dropout_and_evaluates_without():
     assert not torch.equal(model(items), model(items))  # a new mask each call
     model.eval()
     torch.testing.assert_close(model(items), model(items), rtol=0, atol=0)
+
+
+def _block_pair(d_model: int, dtype: torch.dtype, seed: int = 0):
+    """A Mamba block with non-trivial Δ, conv bias, D and A (the init leaves some of them flat)."""
+    from paperlib.models.mamba_block import MambaBlock
+
+    torch.manual_seed(seed)
+    block = MambaBlock(d_model=d_model, d_state=8, d_conv=4, expand=2).to(dtype)
+    with torch.no_grad():
+        block.dt_proj.weight.normal_(0, 0.5)
+        block.conv1d.bias.normal_()
+        block.D.normal_()
+        block.A_log.add_(torch.randn_like(block.A_log) * 0.3)
+    return block
+
+
+# batch 1 splits channels over several jobs; L 130 spans three of the backward's chunks; E 48 is not
+# a multiple of the kernels' lanes; L 3 is shorter than the convolution
+@pytest.mark.parametrize("batch,length,d_model", [(3, 10, 16), (1, 130, 32), (5, 70, 24), (2, 3, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_cpu_block_equals_the_step_by_step_path_and_the_reference(batch, length, d_model, dtype):
+    """The fused path computes what the unfused one does (numba scan) and what the plain loop does."""
+    block = _block_pair(d_model, dtype)
+    x = torch.randn(batch, length, d_model, dtype=dtype, requires_grad=True)
+    weights = torch.randn(batch, length, d_model, dtype=dtype)
+    params = [x, *block.parameters()]
+    names = ["x", *(n for n, _ in block.named_parameters())]
+    results = {}
+    for label, fused, backend in (("fused", True, "cpu"), ("unfused", False, "cpu"), ("reference", True, "reference")):
+        block.fuse_cpu, block.scan_backend = fused, backend
+        assert block._use_fused(x) == (label == "fused")
+        y = block(x)
+        results[label] = (y.detach(), torch.autograd.grad((y * weights).sum(), params))
+    tol = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}[dtype]
+    y_f, g_f = results["fused"]
+    for other in ("unfused", "reference"):
+        y_o, g_o = results[other]
+        torch.testing.assert_close(y_f, y_o, **tol)
+        for name, a, b in zip(names, g_f, g_o):
+            torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * float(b.abs().max()),
+                                       msg=f"{name} vs {other}")
+
+
+def test_fused_cpu_block_state_continues_the_stream():
+    block = _block_pair(16, torch.float32).eval()
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        full = block(x)
+        head, state = block(x[:, :6], return_state=True)
+        block.fuse_cpu = False
+        _, unfused_state = block(x[:, :6], return_state=True)
+        torch.testing.assert_close(state.ssm, unfused_state.ssm, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state.conv, unfused_state.conv, rtol=0, atol=0)
+        for t in range(6, 9):
+            y, state = block.step(x[:, t], state)
+            torch.testing.assert_close(y, full[:, t], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_cpu_path_passes_gradcheck():
+    from paperlib.models.scan import mamba_inner_cpu
+
+    g = torch.Generator().manual_seed(0)
+    E, N, K, R = 5, 3, 4, 2
+    args = [
+        torch.randn(2, 7, 2 * E, dtype=torch.float64, generator=g),  # xz
+        torch.randn(E, K, dtype=torch.float64, generator=g) * 0.5,  # conv weight
+        torch.randn(E, dtype=torch.float64, generator=g),  # conv bias
+        torch.randn(R + 2 * N, E, dtype=torch.float64, generator=g) * 0.5,  # x_proj
+        torch.randn(E, R, dtype=torch.float64, generator=g) * 0.5,  # dt_proj weight
+        torch.randn(E, dtype=torch.float64, generator=g) * 0.5,  # dt_proj bias
+        -torch.rand(E, N, dtype=torch.float64, generator=g) - 0.5,  # A
+        torch.randn(E, dtype=torch.float64, generator=g),  # D
+    ]
+    args = [a.requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda *a: mamba_inner_cpu(*a)[0], tuple(args), eps=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="xz must be"):
+        mamba_inner_cpu(args[0][..., :-1], *args[1:])

@@ -32,6 +32,18 @@ Backends:
 * ``"cuda"``: ``mamba_ssm``'s fused kernel (``selective_scan_fn``) for CUDA tensors. It is imported
   only when asked for: ``mamba_ssm`` 2.3 raises at import without its compiled extension.
 
+The Mamba block itself (``MambaBlock``) does not call ``selective_scan`` on CPU with the ``"cpu"``
+backend: it runs everything between ``in_proj`` and ``out_proj`` through :func:`mamba_inner_cpu`,
+the same computation fused in the (batch, time, channels) layout of the Linear layers around it:
+a numba kernel for the causal convolution and its SiLU, ``x_proj`` and ``dt_proj`` as matrix
+products, and numba kernels for the scan with the softplus derivative, the D skip and the silu(z)
+gate inside, each job stepping ``LANES`` channels of one batch row at once; the forward keeps the
+scan's state every ``CHUNK`` steps and the backward recomputes the states in between. Measured on
+the development machine (1 thread, load average about 4.5 from other work; interleaved), a Mamba
+block's forward + backward at batch 256, L 200, d 64: 2.30 s step by step, 1.31 s fused; a 2-layer
+Mamba4Rec training step 7.0 s → 4.4 s. ``selective_scan`` with the kernels below stays the
+scan-level API (and the oracle tests' subject).
+
 ``"auto"`` takes ``"cuda"`` for CUDA tensors when ``mamba_ssm`` imports, else ``"cpu"`` for CPU
 tensors, else ``"reference"``.
 
@@ -175,6 +187,12 @@ def _ensure_numba_cache_dir() -> None:
 
 
 _ensure_numba_cache_dir()
+
+#: the fused Mamba path's kernels step this many channels together (the inner, vectorised loops);
+#: measured on the development machine: 32 lanes ran the scan 1.6x faster than 16 and 4x faster than 8
+LANES = 32
+#: time steps between the scan states the fused forward keeps for its backward pass
+CHUNK = 64
 
 try:
     import numba
@@ -322,6 +340,256 @@ if HAVE_NUMBA:
                     gdelta[b, d, t] = g_dt + g_bx * x
                 gA_rows[b, d, :] = gA_acc
 
+    # ---- the fused, channels-last path of the Mamba block (see mamba_inner_cpu)
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _silu_and_grad(v):
+        """silu(v) = v · sigmoid(v) and its derivative sigmoid(v) · (1 + v · (1 - sigmoid(v)))."""
+        one = np.float32(1.0)
+        sig = one / (one + _fexp(-v))
+        return v * sig, sig * (one + v * (one - sig))
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _conv_silu_forward(xz, wT, bias, u):
+        """u[b, t, d] = silu(bias[d] + Σ_k wT[k, d] · x[b, t - K + 1 + k, d]), x = xz[:, :, :E],
+        zero before the first step (the causal depthwise convolution of the Mamba block).
+
+        xz (B, L, 2E); wT (K, E); bias (E,); u (B, L, E), written.
+        """
+        batch, length, _ = xz.shape
+        dim = u.shape[2]
+        width = wT.shape[0]
+        for b in prange(batch):
+            acc = np.empty(dim, dtype=u.dtype)
+            for t in range(length):
+                for d in range(dim):
+                    acc[d] = bias[d]
+                for k in range(width):
+                    s = t - width + 1 + k
+                    if s >= 0:
+                        for d in range(dim):
+                            acc[d] += wT[k, d] * xz[b, s, d]
+                for d in range(dim):
+                    u[b, t, d] = _silu_and_grad(acc[d])[0]
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _conv_silu_backward(xz, wT, bias, gu, gxz, gw_rows, gb_rows):
+        """Gradients of :func:`_conv_silu_forward` given gu = dL/du (B, L, E).
+
+        Writes gxz[:, :, :E] (dL/dx) and, per batch row, gw_rows (B, K, E) and gb_rows (B, E)
+        (summed over rows by the caller). Runs backwards in time keeping the last K pre-activation
+        gradients in a ring, since dL/dx_s needs those of steps s .. s + K - 1.
+        """
+        batch, length, _ = xz.shape
+        dim = gu.shape[2]
+        width = wT.shape[0]
+        for b in prange(batch):
+            acc = np.empty(dim, dtype=gu.dtype)
+            ring = np.zeros((width, dim), dtype=gu.dtype)  # ring[t % K] = dL/d(pre-activation at t)
+            gw = gw_rows[b]
+            gb = gb_rows[b]
+            gw[:, :] = 0
+            gb[:] = 0
+            for t in range(length - 1, -1, -1):
+                for d in range(dim):
+                    acc[d] = bias[d]
+                for k in range(width):
+                    s = t - width + 1 + k
+                    if s >= 0:
+                        for d in range(dim):
+                            acc[d] += wT[k, d] * xz[b, s, d]
+                slot = ring[t % width]
+                for d in range(dim):
+                    g = gu[b, t, d] * _silu_and_grad(acc[d])[1]
+                    slot[d] = g
+                    gb[d] += g
+                for k in range(width):
+                    s = t - width + 1 + k
+                    if s >= 0:
+                        for d in range(dim):
+                            gw[k, d] += slot[d] * xz[b, s, d]
+                # dL/dx_t = Σ_k wT[k] · g_pre[t + K - 1 - k]: every term is from step t or later
+                for d in range(dim):
+                    acc[d] = 0
+                for k in range(width):
+                    s = t + width - 1 - k
+                    if s < length:
+                        src = ring[s % width]
+                        for d in range(dim):
+                            acc[d] += wT[k, d] * src[d]
+                for d in range(dim):
+                    gxz[b, t, d] = acc[d]
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _cl_forward_block(u, delta, AT, xdbl, r, D, xz, y, last, bounds, b, d0, w):
+        """The forward scan of batch row b, channels d0 .. d0 + w (w = LANES but in a last, partial
+        block: called with the constant, the compiler unrolls and vectorises the lane loops)."""
+        length, dim = u.shape[1], u.shape[2]
+        n_state = AT.shape[0]
+        keep = bounds.shape[1] > 0
+        h = np.zeros((n_state, LANES), dtype=u.dtype)
+        a_blk = np.zeros((n_state, LANES), dtype=u.dtype)  # this block's A, contiguous
+        for n in range(n_state):
+            for j in range(w):
+                a_blk[n, j] = AT[n, d0 + j]
+        dt = np.zeros(LANES, dtype=u.dtype)
+        dtx = np.zeros(LANES, dtype=u.dtype)
+        acc = np.zeros(LANES, dtype=u.dtype)
+        for t in range(length):
+            if keep and t % CHUNK == 0:
+                for n in range(n_state):
+                    for j in range(w):
+                        bounds[b, t // CHUNK, n, d0 + j] = h[n, j]
+            for j in range(w):
+                dt[j] = delta[b, t, d0 + j]
+                dtx[j] = dt[j] * u[b, t, d0 + j]
+                acc[j] = 0
+            for n in range(n_state):
+                bn = xdbl[b, t, r + n]
+                cn = xdbl[b, t, r + n_state + n]
+                for j in range(w):
+                    hv = _fexp(dt[j] * a_blk[n, j]) * h[n, j] + dtx[j] * bn
+                    h[n, j] = hv
+                    acc[j] += cn * hv
+            for j in range(w):
+                gate = _silu_and_grad(xz[b, t, dim + d0 + j])[0]
+                y[b, t, d0 + j] = (acc[j] + D[d0 + j] * u[b, t, d0 + j]) * gate
+        for n in range(n_state):
+            for j in range(w):
+                last[b, d0 + j, n] = h[n, j]
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _scan_cl_forward(u, delta, AT, xdbl, r, D, xz, y, last, bounds):
+        """Channels-last selective scan with the D skip and the silu(z) gate.
+
+        u, delta, y: (B, L, E); AT: (N, E) (A transposed); xdbl: (B, L, R + 2N), B_t at columns
+        r .. r + N, C_t at r + N .. r + 2N; D: (E,); xz: (B, L, 2E), z at columns E .. 2E.
+        Writes y[b, t, d] = (<C_t, h_t> + D · u) · silu(z), last (B, E, N) = h_{L-1}, and, where
+        bounds (B, ceil(L / CHUNK), N, E) has rows, the state before every CHUNK-th step for the
+        backward pass. A job is one batch row and LANES channels, stepped together (vectorised).
+        """
+        batch, dim = u.shape[0], u.shape[2]
+        n_blocks = (dim + LANES - 1) // LANES
+        for job in prange(batch * n_blocks):
+            b = job // n_blocks
+            d0 = (job - b * n_blocks) * LANES
+            if d0 + LANES <= dim:
+                _cl_forward_block(u, delta, AT, xdbl, r, D, xz, y, last, bounds, b, d0, LANES)
+            else:
+                _cl_forward_block(u, delta, AT, xdbl, r, D, xz, y, last, bounds, b, d0, dim - d0)
+
+    @njit(fastmath=True, cache=True, inline="always")
+    def _cl_backward_block(u, delta, dtpre, AT, xdbl, r, D, xz, bounds, gy, gu, gdtpre, gxz, gA_rows, gD_rows,
+                           gBC, b, d0, w):
+        """The backward scan of batch row b, channels d0 .. d0 + w (see _cl_forward_block)."""
+        length, dim = u.shape[1], u.shape[2]
+        n_state = AT.shape[0]
+        one = np.float32(1.0)
+        a_blk = np.zeros((n_state, LANES), dtype=u.dtype)
+        for n in range(n_state):
+            for j in range(w):
+                a_blk[n, j] = AT[n, d0 + j]
+        hs = np.zeros((CHUNK + 1, n_state, LANES), dtype=u.dtype)  # hs[i + 1] = h at step t0 + i
+        decay = np.zeros((CHUNK, n_state, LANES), dtype=u.dtype)
+        gh = np.zeros((n_state, LANES), dtype=u.dtype)
+        gA = np.zeros((n_state, LANES), dtype=u.dtype)
+        dt = np.zeros(LANES, dtype=u.dtype)
+        dtx = np.zeros(LANES, dtype=u.dtype)
+        g = np.zeros(LANES, dtype=u.dtype)
+        pre = np.zeros(LANES, dtype=u.dtype)
+        g_bx = np.zeros(LANES, dtype=u.dtype)
+        g_dt = np.zeros(LANES, dtype=u.dtype)
+        gD = np.zeros(LANES, dtype=u.dtype)
+        for c in range((length - 1) // CHUNK, -1, -1):
+            t0 = c * CHUNK
+            t1 = min(length, t0 + CHUNK)
+            for n in range(n_state):
+                for j in range(w):
+                    hs[0, n, j] = bounds[b, c, n, d0 + j]
+            for t in range(t0, t1):  # recompute the chunk's states and decays
+                i = t - t0
+                for j in range(w):
+                    dt[j] = delta[b, t, d0 + j]
+                    dtx[j] = dt[j] * u[b, t, d0 + j]
+                for n in range(n_state):
+                    bn = xdbl[b, t, r + n]
+                    for j in range(w):
+                        a = _fexp(dt[j] * a_blk[n, j])
+                        decay[i, n, j] = a
+                        hs[i + 1, n, j] = a * hs[i, n, j] + dtx[j] * bn
+            for t in range(t1 - 1, t0 - 1, -1):
+                i = t - t0
+                for j in range(w):
+                    dt[j] = delta[b, t, d0 + j]
+                    dtx[j] = dt[j] * u[b, t, d0 + j]
+                    pre[j] = D[d0 + j] * u[b, t, d0 + j]
+                for n in range(n_state):  # the output before the gate: <C_t, h_t> + D · u
+                    cn = xdbl[b, t, r + n_state + n]
+                    for j in range(w):
+                        pre[j] += cn * hs[i + 1, n, j]
+                for j in range(w):
+                    gate, dgate = _silu_and_grad(xz[b, t, dim + d0 + j])
+                    gyj = gy[b, t, d0 + j]
+                    gxz[b, t, dim + d0 + j] = gyj * pre[j] * dgate
+                    g[j] = gyj * gate  # dL/d(pre)
+                    gD[j] += g[j] * u[b, t, d0 + j]
+                    g_bx[j] = 0
+                    g_dt[j] = 0
+                for n in range(n_state):
+                    bn = xdbl[b, t, r + n]
+                    cn = xdbl[b, t, r + n_state + n]
+                    sB = dt[0] * 0
+                    sC = dt[0] * 0
+                    for j in range(w):
+                        ghn = gh[n, j] + g[j] * cn  # dL/dh_t: from y_t and from h_{t+1}
+                        sC += g[j] * hs[i + 1, n, j]
+                        sB += ghn * dtx[j]
+                        g_bx[j] += ghn * bn
+                        a = decay[i, n, j]
+                        gah = ghn * a * hs[i, n, j]
+                        g_dt[j] += gah * a_blk[n, j]
+                        gA[n, j] += gah * dt[j]
+                        gh[n, j] = ghn * a
+                    gBC[t, n] += sB
+                    gBC[t, n_state + n] += sC
+                for j in range(w):
+                    gu[b, t, d0 + j] = g_bx[j] * dt[j] + g[j] * D[d0 + j]
+                    sig = one / (one + _fexp(-dtpre[b, t, d0 + j]))  # softplus' = sigmoid
+                    gdtpre[b, t, d0 + j] = (g_dt[j] + g_bx[j] * u[b, t, d0 + j]) * sig
+        for n in range(n_state):
+            for j in range(w):
+                gA_rows[b, n, d0 + j] = gA[n, j]
+        for j in range(w):
+            gD_rows[b, d0 + j] = gD[j]
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _scan_cl_backward(u, delta, dtpre, AT, xdbl, r, D, xz, bounds, gy, n_groups,
+                          gu, gdtpre, gxz, gA_rows, gD_rows, gBC_parts):
+        """Reverse-time recurrence of :func:`_scan_cl_forward`.
+
+        Inputs as there, plus dtpre (B, L, E) (delta = softplus(dtpre)), bounds (the forward's
+        states every CHUNK steps) and gy = dL/dy (B, L, E); n_groups splits each row's channel
+        blocks over that many jobs (more jobs when the batch is small).
+        Writes gu (B, L, E) (the scan's part of dL/du), gdtpre (B, L, E) = dL/d(dtpre), the gate's
+        part gxz[:, :, E:], gA_rows (B, N, E), gD_rows (B, E), and accumulates dL/dB_t, dL/dC_t into
+        gBC_parts (n_groups, B, L, 2N) (zero on entry, summed over groups by the caller).
+        Within a chunk the states and decays are recomputed from the chunk's first state.
+        """
+        batch, dim = u.shape[0], u.shape[2]
+        n_blocks = (dim + LANES - 1) // LANES
+        per_group = (n_blocks + n_groups - 1) // n_groups
+        for job in prange(batch * n_groups):
+            b = job // n_groups
+            grp = job - b * n_groups
+            for blk in range(grp * per_group, min(n_blocks, (grp + 1) * per_group)):
+                d0 = blk * LANES
+                if d0 + LANES <= dim:
+                    _cl_backward_block(u, delta, dtpre, AT, xdbl, r, D, xz, bounds, gy, gu, gdtpre, gxz, gA_rows,
+                                       gD_rows, gBC_parts[grp, b], b, d0, LANES)
+                else:
+                    _cl_backward_block(u, delta, dtpre, AT, xdbl, r, D, xz, bounds, gy, gu, gdtpre, gxz, gA_rows,
+                                       gD_rows, gBC_parts[grp, b], b, d0, dim - d0)
+
     @njit(parallel=True, fastmath=True, cache=True)
     def _dropout_kernel(x, out, seed, threshold, scale):
         """out[i] = x[i] · scale where element i is kept, else 0 (x, out: 1-D, same length).
@@ -456,6 +724,121 @@ def selective_scan_cpu(
         y = y * F.silu(z.to(cdt))
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
+
+
+# --------------------------------------------------------------------------------------------
+# the fused, channels-last path of the Mamba block between in_proj and out_proj (CPU)
+
+
+class _MambaInner(torch.autograd.Function):
+    """xz (B, L, 2E) → y (B, L, E): causal depthwise conv + SiLU, x_proj, dt_proj + softplus, the
+    selective scan, the D skip and the silu(z) gate, with a hand-written backward pass.
+
+    Tensors are (batch, time, channels), the layout of the Linear layers around the block, so no
+    transposed copy is made; the conv and the scan are numba kernels that step LANES channels at once;
+    the forward keeps the scan's state every CHUNK steps and the backward recomputes the states in
+    between. Saved for backward: xz, u, x_proj's output, dt_proj's output and delta (B, L, E each
+    but the small x_proj output) and the chunk states.
+    """
+
+    @staticmethod
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A, D, training):
+        _choose_threading_layer()
+        batch, length, two_e = xz.shape
+        dim, n_state = A.shape
+        rank = dt_proj_w.shape[1]
+        xz = xz.detach().contiguous()
+        wT = conv_w.detach().t().contiguous()  # (K, E)
+        bias = conv_b.detach().contiguous()
+        u = xz.new_empty(batch, length, dim)
+        _conv_silu_forward(xz.numpy(), wT.numpy(), bias.numpy(), u.numpy())
+        x_dbl = u.view(-1, dim) @ x_proj_w.detach().t()  # (B·L, R + 2N)
+        dtpre = torch.addmm(dt_proj_b.detach(), x_dbl[:, :rank], dt_proj_w.detach().t())  # (B·L, E)
+        delta = F.softplus(dtpre)
+        AT = A.detach().t().contiguous()
+        Dc = D.detach().contiguous()
+        y = xz.new_empty(batch, length, dim)
+        last = xz.new_empty(batch, dim, n_state)
+        bounds = xz.new_empty(batch, -(-length // CHUNK) if training else 0, n_state, dim)
+        _scan_cl_forward(u.numpy(), delta.view(batch, length, dim).numpy(), AT.numpy(),
+                         x_dbl.view(batch, length, -1).numpy(), rank, Dc.numpy(), xz.numpy(), y.numpy(),
+                         last.numpy(), bounds.numpy())
+        if training:
+            ctx.save_for_backward(xz, wT, bias, u, x_dbl, dtpre, delta, AT, Dc, bounds,
+                                  x_proj_w.detach(), dt_proj_w.detach())
+        ctx.mark_non_differentiable(last)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, gy, _glast):
+        xz, wT, bias, u, x_dbl, dtpre, delta, AT, D, bounds, x_proj_w, dt_proj_w = ctx.saved_tensors
+        batch, length, dim = u.shape
+        n_state = AT.shape[0]
+        rank = dt_proj_w.shape[1]
+        gy = torch.zeros_like(u) if gy is None else gy.to(u.dtype).contiguous()
+        groups = _n_blocks(batch, -(-dim // LANES))
+        gxz = torch.empty_like(xz)
+        gu = torch.empty_like(u)
+        gdtpre = torch.empty_like(u)
+        gA_rows = u.new_empty(batch, n_state, dim)
+        gD_rows = u.new_empty(batch, dim)
+        gBC = u.new_zeros(groups, batch, length, 2 * n_state)
+        _scan_cl_backward(
+            u.numpy(), delta.view(batch, length, dim).numpy(), dtpre.view(batch, length, dim).numpy(), AT.numpy(),
+            x_dbl.view(batch, length, -1).numpy(), rank, D.numpy(), xz.numpy(), bounds.numpy(), gy.numpy(), groups,
+            gu.numpy(), gdtpre.numpy(), gxz.numpy(), gA_rows.numpy(), gD_rows.numpy(), gBC.numpy(),
+        )  # fmt: skip
+        gdt_flat = gdtpre.view(-1, dim)
+        g_xdbl = torch.empty_like(x_dbl)  # (B·L, R + 2N)
+        torch.mm(gdt_flat, dt_proj_w, out=g_xdbl[:, :rank])
+        g_xdbl[:, rank:] = (gBC[0] if groups == 1 else gBC.sum(0)).view(-1, 2 * n_state)
+        g_dt_w = gdt_flat.t() @ x_dbl[:, :rank]
+        g_dt_b = gdt_flat.sum(0)
+        gu_flat = gu.view(-1, dim)
+        gu_flat.addmm_(g_xdbl, x_proj_w)  # x_proj's part of dL/du
+        g_xproj_w = g_xdbl.t() @ u.view(-1, dim)
+        width = wT.shape[0]
+        gw_rows = u.new_empty(batch, width, dim)
+        gb_rows = u.new_empty(batch, dim)
+        _conv_silu_backward(xz.numpy(), wT.numpy(), bias.numpy(), gu.numpy(), gxz.numpy(), gw_rows.numpy(),
+                            gb_rows.numpy())
+        return (gxz, gw_rows.sum(0).t(), gb_rows.sum(0), g_xproj_w, g_dt_w, g_dt_b, gA_rows.sum(0).t(),
+                gD_rows.sum(0), None)
+
+
+def mamba_inner_cpu(
+    xz: torch.Tensor,
+    conv_w: torch.Tensor,
+    conv_b: torch.Tensor | None,
+    x_proj_w: torch.Tensor,
+    dt_proj_w: torch.Tensor,
+    dt_proj_b: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Mamba block between ``in_proj`` and ``out_proj``, fused on CPU (the numba kernels).
+
+    Computes what ``MambaBlock``'s unfused path computes (conv1d + SiLU, x_proj, dt_proj, and
+    ``selective_scan`` with softplus, D and the gate), differentiable w.r.t. every tensor:
+
+        xz (B, L, 2E): in_proj's output, x = xz[..., :E], z = xz[..., E:]
+        conv_w (E, K), conv_b (E,) or None: the depthwise causal convolution
+        x_proj_w (R + 2N, E); dt_proj_w (E, R); dt_proj_b (E,); A (E, N); D (E,)
+
+    Returns y (B, L, E) (gated, before out_proj) and the last SSM state (B, E, N) (not
+    differentiable). float32 or float64 CPU tensors of one dtype.
+    """
+    if not HAVE_NUMBA:
+        raise RuntimeError("the fused CPU path of the Mamba block needs numba (pip install numba)")
+    dim, n_state = A.shape
+    if xz.dim() != 3 or xz.shape[2] != 2 * dim:
+        raise ValueError(f"xz must be (batch, L, 2E) with E = {dim}; got {tuple(xz.shape)}")
+    if conv_b is None:
+        conv_b = conv_w.new_zeros(dim)
+    tensors = (xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A, D)
+    # keep what the backward pass needs only when there will be one (ctx cannot tell under no_grad)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return _MambaInner.apply(*tensors, training)
 
 
 # --------------------------------------------------------------------------------------------
