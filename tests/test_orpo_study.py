@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 
-from paperlib import llm
+from paperlib import llm, paths
 from paperlib.config import ConfigError, merge
 from paperlib.data import DataError, SequentialData, load_dataset
 from paperlib.metrics import metrics_from_ranks
@@ -160,7 +160,7 @@ def test_rerun_reuses_the_trained_mamba4rec(smoke, monkeypatch):
     ev = smoke["doc"]["results"]["evaluation"]
     top = llm.top_k(model.score, data, ev["users"], k=cfg.rerank_k)
     assert top.tolist() == ev["top"], "the same weights give the same lists"
-    assert (smoke["build"] / first["checkpoint"] / "best.pt").is_file()
+    assert (paths.checkpoints_dir() / first["checkpoint"] / "best.pt").is_file()
 
 
 # ---------------------------------------------------------------------------------------------

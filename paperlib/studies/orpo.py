@@ -16,9 +16,9 @@ come from ``paperlib.metrics``.
 
 The Mamba4Rec the study needs (hard negatives, the re-ranked lists, its Table 4 rows) is trained
 here with :func:`paperlib.train.fit` and checkpointed under
-``build/checkpoints/orpo/<preset>/<dataset>/mamba4rec-<key>/`` (``$PAPERLIB_BUILD`` moves
-``build/``), the key naming its settings and training code, so a rerun resumes an interrupted
-training and reuses a finished one.
+``<checkpoints>/orpo/<preset>/<dataset>/mamba4rec-<key>/`` (``paths.checkpoints_dir``), the key
+naming its settings and training code, so a rerun resumes an interrupted training and reuses a
+finished one.
 
 Costs that sized the ``quick`` preset, measured on ML-1M with one CPU thread on a busy 2-core
 machine (SmolLM2-135M with LoRA, prompts of about 175 tokens): one ORPO step of 8 pairs 21-49 s (the
@@ -324,13 +324,13 @@ def train_mamba4rec(cfg: OrpoParams, data: SequentialData, progress: bool = True
     from paperlib.train import TrainConfig, fit, load_checkpoint, resolve_device
 
     overrides = {"dropout": AMAZON_MAMBA_DROPOUT} if cfg.dataset.startswith("amazon") else {}
-    model = build_model("mamba4rec", n_items=data.n_items, max_len=data.max_len, **overrides)
+    model = build_model("mamba4rec", n_items=data.n_items, max_len=data.max_len, seed=cfg.seed, **overrides)
     config = TrainConfig(epochs=cfg.mamba_epochs, batch_size=cfg.mamba_batch_size, lr=cfg.mamba_lr,
                          patience=cfg.mamba_patience, seed=cfg.seed, device=cfg.device,
                          max_steps_per_epoch=cfg.mamba_max_steps_per_epoch or None)
     key = run_key(asdict(model.config), config.to_dict(), data.name, data.n_users, code=QUALITY_CODE)
-    where = ("checkpoints", STUDY.name, cfg.preset, cfg.dataset, f"mamba4rec-{key}")
-    folder = paths.build_dir().joinpath(*where)
+    where = (STUDY.name, cfg.preset, cfg.dataset, f"mamba4rec-{key}")
+    folder = paths.checkpoints_dir().joinpath(*where)
     record = folder / "fit.json"
     if cfg.resume and record.is_file() and (folder / "best.pt").is_file():
         info = json.loads(record.read_text(encoding="utf-8"))
