@@ -89,18 +89,21 @@ def _verdict(value: float | None, goal: float, below: bool = True) -> str:
 # model benchmarks (each point in its own process)
 
 
-def bench_train_step(args: argparse.Namespace | None = None) -> None:
-    """Mamba4Rec (2 layers) vs SASRec (2 layers): one training step at 256 × 200 and 64 × 800."""
-    rounds, repeats = 2, 3
-    _header(f"one training step (all-position CE + Adam), hidden 64, {ML1M_ITEMS + 1}-row catalogue; "
-            f"Mamba4Rec and SASRec alternate, {rounds} rounds × {repeats} runs each")
+def bench_train_step(args: argparse.Namespace | None = None, shapes: Sequence[tuple[int, int, float]] = (
+        (256, 200, 0.8), (64, 800, 0.5)), rounds: int = 2, repeats: int = 3, threads: int = 0,
+        n_items: int = ML1M_ITEMS) -> None:
+    """Mamba4Rec (2 layers) vs SASRec (2 layers): one training step at each (batch, L, target ratio)
+    of ``shapes`` (by default 256 × 200 and 64 × 800)."""
+    _header(f"one training step (all-position CE + Adam), hidden 64, {n_items + 1}-row catalogue; "
+            f"Mamba4Rec and SASRec alternate, {rounds} rounds × {repeats} runs each", threads=threads)
     rows = []
-    for (batch, length), goal in (((256, 200), 0.8), ((64, 800), 0.5)):
+    for batch, length, goal in shapes:
         make = {
             "Mamba4Rec, 2 layers": lambda: cost.TrainStepPoint(model="mamba4rec", options=MAMBA_2, batch=batch,
-                                                               length=length, n_items=ML1M_ITEMS, repeats=repeats),
+                                                               length=length, n_items=n_items, repeats=repeats,
+                                                               threads=threads),
             "SASRec, 2 layers": lambda: cost.TrainStepPoint(model="sasrec", batch=batch, length=length,
-                                                            n_items=ML1M_ITEMS, repeats=repeats),
+                                                            n_items=n_items, repeats=repeats, threads=threads),
         }
         pooled: dict[str, dict[str, Any]] = {}
         for _ in range(rounds):  # alternate, so that a change of load touches both models
@@ -122,17 +125,18 @@ def bench_train_step(args: argparse.Namespace | None = None) -> None:
     _footer()
 
 
-def bench_scaling(args: argparse.Namespace | None = None) -> None:
+def bench_scaling(args: argparse.Namespace | None = None, lengths: Sequence[int] = (50, 100, 200, 400, 800),
+                  batch: int = 16, repeats: int = 3, threads: int = 0, n_items: int = ML1M_ITEMS) -> None:
     """Training-step time and peak memory against L for the four models; fitted exponents."""
-    lengths, batch = (50, 100, 200, 400, 800), 16
     models = [("GRU4Rec", "gru4rec", {}), ("SASRec", "sasrec", {}), ("BERT4Rec", "bert4rec", {}),
               ("Mamba4Rec", "mamba4rec", {}), ("Mamba4Rec, 2 layers", "mamba4rec", MAMBA_2)]
-    _header(f"training step against the history length L, {batch} sequences a step ({batch}·L pairs)")
+    _header(f"training step against the history length L, {batch} sequences a step ({batch}·L pairs)",
+            threads=threads)
     points, names = [], []
     for length in lengths:  # every model at one length before the next length
         for label, name, options in models:
             points.append(cost.TrainStepPoint(model=name, options=options, batch=batch, length=length,
-                                              n_items=ML1M_ITEMS, repeats=3))
+                                              n_items=n_items, repeats=repeats, threads=threads))
             names.append(label)
     records = cost.run_points(points, progress=False)
     rows = []
@@ -150,16 +154,18 @@ def bench_scaling(args: argparse.Namespace | None = None) -> None:
     _footer()
 
 
-def bench_streaming(args: argparse.Namespace | None = None) -> None:
+def bench_streaming(args: argparse.Namespace | None = None, histories: Sequence[int] = (1, 50, 200, 800, 3200),
+                    repeats: int = 30, threads: int = 0, n_items: int = ML1M_ITEMS) -> None:
     """One user's update after one new item against the history already seen."""
-    histories = (1, 50, 200, 800, 3200)
     lines = [("Mamba4Rec: state step", "mamba4rec", "step"), ("GRU4Rec: state step", "gru4rec", "step"),
              ("SASRec: key/value cache", "sasrec", "kv_cache"), ("SASRec: recompute", "sasrec", "recompute")]
-    _header("latency of one user's update (new hidden state, scores of every item, top 10) after one new item")
+    _header("latency of one user's update (new hidden state, scores of every item, top 10) after one new item",
+            threads=threads)
     points, names = [], []
     for h in histories:
         for label, name, mode in lines:
-            points.append(cost.StreamPoint(model=name, mode=mode, history=h, n_items=ML1M_ITEMS))
+            points.append(cost.StreamPoint(model=name, mode=mode, history=h, n_items=n_items, repeats=repeats,
+                                           threads=threads))
             names.append(label)
     records = cost.run_points(points, progress=False)
     rows = []

@@ -481,3 +481,19 @@ def test_fused_cpu_path_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: mamba_inner_cpu(*a)[0], tuple(args), eps=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="xz must be"):
         mamba_inner_cpu(args[0][..., :-1], *args[1:])
+
+
+# --------------------------------------------------------------------------- paperlib bench
+def test_bench_prints_figures_targets_and_the_load(capsys):
+    from paperlib import bench
+
+    bench.bench_train_step(shapes=((2, 16, 0.8),), rounds=2, repeats=2, threads=1, n_items=50)
+    bench.bench_scaling(lengths=(8, 16), batch=2, repeats=2, threads=1, n_items=50)
+    bench.bench_streaming(histories=(1, 50), repeats=3, threads=1, n_items=50)
+    out = capsys.readouterr().out
+    assert out.count("load average before") == 3 and out.count("load average after") == 3
+    assert "cpu: " in out and "(1 threads)" in out  # the device is named
+    assert "Mamba4Rec / SASRec at L 16" in out and "target ≤ 0.8" in out and "4 runs" in out
+    assert "exponent of time in L" in out and "target ≤ 1.1" in out
+    assert "SASRec: key/value cache" in out and "target < 5 ms" in out
+    assert set(bench.BENCHMARKS) == {"metrics", "scan", "train-step", "scaling", "streaming"}
