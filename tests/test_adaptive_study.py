@@ -184,4 +184,4 @@ def test_thinning_keeps_the_ends_and_the_changes():
     assert study.thin(5, 10) == [0, 1, 2, 3, 4]
     kept = study.thin(1000, 10, keep=[500, 501])
     assert kept[0] == 0 and kept[-1] == 999 and {500, 501} <= set(kept) and len(kept) == 12
-    assert study._changes([5, 5, 7, 7, 9]) == [1, 2, 3, 4]
+    assert study._changes([5, 5, 7, 7, 9]) == [2, 4]

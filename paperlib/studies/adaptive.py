@@ -42,6 +42,24 @@ twice a pass. Adam (lr 1e-3), the reference: 0.0167 after 1 pass, 0.0279 after 2
   0.0048, D 3 0.0090, D 10 0.0145 (the iterates ended 8.7 from the start), D 30 0.0026, D 100
   0.0052 (the first jump to the ball's edge costs more than the larger ball gains). Chosen: D 10.
 
+Batch settings (assumed, not from the paper): the adaptive runs start at 512 pairs (a quarter of
+the baseline's batch; the smallest the loader takes is one window, 200 pairs on ML-1M) and estimate
+the variance from 8 micro-batch gradients (fewer where the batch has fewer windows). Measured on
+ML-1M (0.1 pass from the start, seed 2020): the inner-product and orthogonality tests passed at
+nearly every step at 512 pairs, so their batch did not grow; the norm test grew it 512 -> 574 pairs
+(and 1,024 -> 1,414 from a first batch of 1,024); on 700 ML-1M users over 1.5 passes, 512 -> 935.
+
+Measured costs (2 CPU cores shared with other jobs, one thread, load average 2-5; timings vary
+with the load by up to 2x): a baseline step (2,048 pairs) 0.21-0.33 s, about 6,000-8,000 pairs/s;
+an adaptive-batch step at 512-1,400 pairs with its micro-batch gradients 0.13-0.33 s, about
+2,600-3,300 pairs/s, so while its batch is small an adaptive-batch run costs about twice the
+baseline per pair (1.3-1.9x measured side by side on 700 users); validation 11 s for 2,000 users,
+32 s for all 6,040 (the test split of each run). The ``quick`` preset (8 runs, 1.5 passes =
+1.47 M pairs each, 9 validations on 2,000 users): Adam and USGM about 185 s each, the six
+adaptive-batch runs about 370 s each, validation 8 x 9 x 11 s, tests 8 x 32 s: about 3,600 s, an
+hour (up to two on a heavily loaded machine). The ``paper`` preset (30 passes, 3 seeds, validation
+on every user) is about 50 hours on such a CPU: a GPU is advised.
+
 Checkpoints go to ``build/checkpoints/adaptive/<preset>/<dataset>/<run>-<key>/<seed>`` (or under
 ``$PAPERLIB_BUILD``), the key naming the exact settings and training code, so an interrupted compute
 run resumes where it stopped; runs recorded in the results JSON under the same key are reused.
@@ -153,7 +171,7 @@ class AdaptiveParams(StudyParams):
     beta: float = param(1.0, "AdaGrad-Norm's initial accumulator (AdaBatchGrad: 1)")
     radius: float = param(10.0, "USGM's radius D around the initial weights (assumed, not from the paper: "
                           "see the probe)")
-    max_step_records: int = param(200, "per-step records kept per run in the results JSON (thinned beyond)", min=2)
+    max_step_records: int = param(100, "per-step records kept per run in the results JSON (thinned beyond)", min=2)
     eval_batch_size: int = param(1024, "users per evaluation batch", min=1)
     max_users: int = param(0, "train and evaluate on a random subset of this many users, 0 for all (smoke runs)",
                            min=0)
@@ -292,19 +310,20 @@ def thin(n: int, limit: int, keep: list[int] | tuple[int, ...] = ()) -> list[int
 
 
 def _changes(values: list[int]) -> list[int]:
-    """Indices where a sequence changes value (and the one before each change)."""
-    out = []
-    for i in range(1, len(values)):
-        if values[i] != values[i - 1]:
-            out += [i - 1, i]
-    return out
+    """Indices where a sequence changes value: kept with any others, they draw its step plot exactly."""
+    return [i for i in range(1, len(values)) if values[i] != values[i - 1]]
+
+
+def _short(x: float | None, digits: int = 5) -> float | None:
+    """``x`` to ``digits`` significant digits (keeps the results JSON small); None stays None."""
+    return None if x is None else float(f"{x:.{digits}g}")
 
 
 def _step_entries(steps: list[dict[str, Any]], budgets: list[int], limit: int) -> list[dict[str, Any]]:
     keep = thin(len(steps), limit, _changes(budgets))
-    return [{"index": i, "examples": steps[i]["examples"], "seconds": steps[i]["seconds"],
-             "batch_size": steps[i]["batch_size"], "budget": budgets[i], "step_size": steps[i]["step_size"],
-             "loss": steps[i]["loss"]} for i in keep]
+    return [{"index": i, "examples": steps[i]["examples"], "seconds": round(steps[i]["seconds"], 3),
+             "batch_size": steps[i]["batch_size"], "budget": budgets[i], "step_size": _short(steps[i]["step_size"]),
+             "loss": _short(steps[i]["loss"])} for i in keep]
 
 
 def _test_entries(records: list[dict[str, Any]], limit: int) -> dict[str, Any]:
@@ -316,7 +335,8 @@ def _test_entries(records: list[dict[str, Any]], limit: int) -> dict[str, Any]:
         "passed": sum(r["passed"] is True for r in records),
         "skipped": sum(r["skipped"] is not None for r in records),
         "capped": sum(bool(r["capped"]) for r in records),
-        "records": [{k: records[i][k] for k in fields} for i in keep],
+        "records": [{k: _short(records[i][k]) if k in ("statistic", "threshold") else records[i][k] for k in fields}
+                    for i in keep],
     }
 
 
@@ -409,7 +429,7 @@ def compute(cfg: AdaptiveParams, progress: bool = True) -> dict:
             "reach": "the first validation at or above the target (resolution: one validation period)",
             "test": f"every user, weights of the best validation {METRIC}",
             "thinning": f"per-step and batch-test records: at most {cfg.max_step_records} evenly spaced ones a run, "
-                        "plus every step where the scheduled batch size changed (and the step before)",
+                        "plus every step where the scheduled batch size changed",
         },
     }
     results.save_results(STUDY.name, cfg.preset, cfg.to_dict(), payload, output_dir=cfg.output_dir,
@@ -590,6 +610,23 @@ def summary(doc: dict) -> str:
                          f"({r[column] / b[column]:.2f} × the baseline's {fmt(b[column])}).")
         else:
             lines.append(f"- **{what.capitalize()}**: no other configuration reached the target.")
+    finals: dict[str, list[int]] = {}  # final batch of each adaptive-batch configuration, over its seeds
+    first: dict[str, int] = {}
+    for r in doc["results"]["runs"]:
+        if r.get("batch_tests") and r["final_budget"] is not None:
+            finals.setdefault(r["label"], []).append(r["final_budget"])
+            first[r["label"]] = r["batch_config"]["initial_batch"]
+    flat = [label for label, sizes in finals.items() if max(sizes) == first[label]]
+    if flat:
+        k = doc["params"]["window"]
+        lines.append(f"- The batch never grew in: {', '.join(flat)} (no {k} consecutive proposals of the test all "
+                     "asked for more than the first batch), so these runs differ from a fixed small batch only by "
+                     "the cost of the tests.")
+    grown = {label: sizes for label, sizes in finals.items() if label not in flat}
+    if grown:
+        lines.append("- Final batch of the runs whose batch grew: " + ", ".join(
+            f"{label} {min(sizes):,}" + (f"–{max(sizes):,}" if max(sizes) != min(sizes) else "") + " pairs"
+            for label, sizes in grown.items()) + ".")
     missed = [df.loc[i, "configuration"] for i in df.index if df.loc[i, "reached"] == 0]
     if missed:
         lines.append("- Never reached the target within the budget: " + ", ".join(missed) + ".")
@@ -635,11 +672,24 @@ def settings_table(doc: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "value", "source"]).set_index("setting")
 
 
-def _colours(doc: dict) -> dict[str, str]:
+#: line style per optimizer and marker per batch-size test, so that curves which coincide (runs whose
+#: batch never grew draw the same batches) stay apart by their markers
+LINESTYLES = {"adam": "-", "adagrad_norm": "--", "usgm": ":"}
+MARKERS = {None: "o", "norm": "s", "inner_product": "^", "orthogonality": "v", "augmented": "D"}
+
+
+def _styles(doc: dict) -> dict[str, dict[str, Any]]:
+    """Matplotlib style of each configuration: the baseline black and thicker, the others in the
+    palette's colours, line style by optimizer, marker by test."""
     names = list(dict.fromkeys(r["run"] for r in doc["results"]["runs"]))
     base = _baseline(doc)
-    others = [n for n in names if n != base]
-    return {base: "black", **{n: f"C{i}" for i, n in enumerate(others)}}
+    colours = iter(f"C{i}" for i in range(len(names)))
+    out = {}
+    for name in names:
+        spec = parse_run(name)
+        out[name] = dict(color="black" if name == base else next(colours), lw=2.2 if name == base else 1.4,
+                         ls=LINESTYLES[spec.optimizer], marker=MARKERS[spec.test], ms=4, mfc="none")
+    return out
 
 
 def figure6(doc: dict):
@@ -648,15 +698,14 @@ def figure6(doc: dict):
     import matplotlib.pyplot as plt
 
     results.set_style()
-    colours, base, tgt = _colours(doc), _baseline(doc), target(doc)
+    styles, tgt = _styles(doc), target(doc)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     labelled = set()
     for r in doc["results"]["runs"]:
         if not r["history"]:
             continue
         pts = curve(r["history"])
-        style = dict(color=colours[r["run"]], lw=2.2 if r["run"] == base else 1.4, marker="o", ms=3,
-                     label=None if r["run"] in labelled else r["label"])
+        style = dict(styles[r["run"]], label=None if r["run"] in labelled else r["label"])
         labelled.add(r["run"])
         axes[0].plot(pts["seconds"] / 60, pts["ndcg"], **style)
         axes[1].plot(pts["examples"] / 1e6, pts["ndcg"], **{**style, "label": None})
@@ -680,15 +729,15 @@ def figure7(doc: dict):
     import matplotlib.pyplot as plt
 
     results.set_style()
-    colours, base = _colours(doc), _baseline(doc)
+    styles = _styles(doc)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     labelled = set()
     for r in doc["results"]["runs"]:
         steps = pd.DataFrame(r["steps"])
         if steps.empty:
             continue
-        style = dict(color=colours[r["run"]], lw=2.2 if r["run"] == base else 1.4,
-                     label=None if r["run"] in labelled else r["label"])
+        # markers spaced along the line (there is one point per kept step)
+        style = dict(styles[r["run"]], markevery=0.1, label=None if r["run"] in labelled else r["label"])
         labelled.add(r["run"])
         x = steps["examples"] / 1e6
         axes[0].step(x, steps["budget"], where="post", **style)
