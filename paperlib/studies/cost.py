@@ -76,7 +76,7 @@ class CostParams(StudyParams):
     max_users: int = param(0, "Table 3 on a random subset of this many users, 0 for all (smoke runs)", min=0)
     train_batch_size: int = param(2048, "(prefix, target) pairs per training step in Table 3, as RecBole's "
                                   "train_batch_size", min=1)
-    epoch_steps: int = param(10, "training steps timed per run in Table 3, their time scaled to a whole epoch; "
+    epoch_steps: int = param(20, "training steps timed per run in Table 3, their time scaled to a whole epoch; "
                              "0 times whole epochs", min=0)
     eval_batch_size: int = param(1024, "users per inference batch in Table 3 (the paper's is 4096)", min=1)
     lengths: list[int] = param([50, 100, 200, 400, 800, 1600, 3200], "history lengths L of Figure 3", min=1)
