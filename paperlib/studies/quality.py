@@ -78,7 +78,7 @@ class QualityParams(StudyParams):
     extra_ml1m: list[str] = param(["mamba4rec{n_layers: 2}"], "model specs run on ML-1M only (2 Mamba layers "
                                   "reproduce better, say users of the official code)")
     seeds: list[int] = param([2020], "one run per seed; tables show mean ± std over seeds", min=0)
-    epochs: int = param(30, "maximum epochs of a run", min=1)
+    epochs: int = param(10, "maximum epochs of a run", min=1)
     epochs_ml1m: int = param(6, "maximum epochs on ML-1M, whose epochs cost about 15 Amazon ones; 0 for epochs",
                              min=0)
     patience: int = param(3, "stop after more than this many epochs without a better validation NDCG@10", min=0)
