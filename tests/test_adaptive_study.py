@@ -8,6 +8,8 @@ import math
 
 import pytest
 
+from paperlib import paths
+
 from paperlib.config import merge
 from paperlib.fields import ConfigError
 from paperlib.studies import adaptive as study
@@ -53,7 +55,7 @@ def test_smoke_compute_satisfies_the_check_and_resumes(real_data, tmp_path, buil
     again = study.compute(cfg, progress=True)
     assert capsys.readouterr().out.count("reused, not retrained") == len(cfg.runs)
     assert again["results"]["runs"] == runs
-    assert list(build.glob("checkpoints/adaptive/smoke/ml-100k/*/1/last.pt"))
+    assert list(paths.checkpoints_dir().glob("adaptive/smoke/ml-100k/*/1/last.pt"))
 
 
 def test_a_diverging_run_is_recorded_and_the_others_go_on(real_data, tmp_path, build, caplog):

@@ -60,8 +60,8 @@ adaptive-batch runs about 370 s each, validation 8 x 9 x 11 s, tests 8 x 32 s: a
 hour (up to two on a heavily loaded machine). The ``paper`` preset (30 passes, 3 seeds, validation
 on every user) is about 50 hours on such a CPU: a GPU is advised.
 
-Checkpoints go to ``build/checkpoints/adaptive/<preset>/<dataset>/<run>-<key>/<seed>`` (or under
-``$PAPERLIB_BUILD``), the key naming the exact settings and training code, so an interrupted compute
+Checkpoints go to ``<checkpoints>/adaptive/<preset>/<dataset>/<run>-<key>/<seed>``
+(``paths.checkpoints_dir``), the key naming the exact settings and training code, so an interrupted compute
 run resumes where it stopped; runs recorded in the results JSON under the same key are reused.
 """
 
@@ -374,7 +374,7 @@ def train_run(spec: RunSpec, seed: int, data: Any, valid_data: Any, plan: Plan, 
     budgets = Budgets()
     adaptive = AdaptiveBatchSize(batch_cfg) if batch_cfg else None
     callbacks = [c for c in (adaptive, budgets, PairBudget(plan.budget)) if c is not None]
-    ckpt = paths.build_dir() / "checkpoints" / STUDY.name / cfg.preset / cfg.dataset / f"{spec.name}-{key}" / str(seed)
+    ckpt = paths.checkpoints_dir() / STUDY.name / cfg.preset / cfg.dataset / f"{spec.name}-{key}" / str(seed)
     trainer = StudyTrainer(model, data, tc, optimizer=make_optimizer(spec, model.parameters(), cfg),
                            callbacks=callbacks, checkpoint_dir=ckpt, progress=progress, valid_data=valid_data)
     diverged, test, best_epoch = None, None, None
