@@ -497,3 +497,11 @@ def test_bench_prints_figures_targets_and_the_load(capsys):
     assert "exponent of time in L" in out and "target ≤ 1.1" in out
     assert "SASRec: key/value cache" in out and "target < 5 ms" in out
     assert set(bench.BENCHMARKS) == {"metrics", "scan", "train-step", "scaling", "streaming"}
+
+
+def test_sizes_table_reads_parameters_and_flops():
+    from paperlib.studies import cost as study
+
+    table = study.sizes(_doc())
+    assert list(table.index) == ["SASRec", "Mamba4Rec"]
+    assert table.loc["SASRec", "parameters"] == "1,000" and table.loc["Mamba4Rec", "kFLOPs/item at L 800"] == 0.0

@@ -274,6 +274,21 @@ def table3_text(doc: dict) -> str:
     return "\n\n".join(lines)
 
 
+def sizes(doc: dict) -> pd.DataFrame:
+    """Parameters of each model (as built for Table 3's dataset) and the matrix-product FLOPs of its
+    forward pass per history item at each length of Figure 3 (see :mod:`paperlib.cost`)."""
+    rows = {}
+    for label in _labels(doc):
+        epoch = next((r for r in _records(doc, "table3", "epoch") if r["label"] == label and r["status"] == "ok"), None)
+        row: dict[str, Any] = {"parameters": None if epoch is None else f"{epoch['params']:,}"}
+        for r in sorted((r for r in _records(doc, "scaling", "train_step") if r["label"] == label),
+                        key=lambda r: r["length"]):
+            flops = r.get("flops_per_item") if r["status"] == "ok" else None
+            row[f"kFLOPs/item at L {r['length']}"] = None if flops is None else round(flops / 1e3, 1)
+        rows[label] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
+
+
 def _series(doc: dict, label: str, kind: str, field: str) -> tuple[list[int], list[float | None], list[dict]]:
     """Lengths, medians (None for a point that did not run to the end) and records of one model."""
     recs = sorted((r for r in _records(doc, "scaling", kind) if r["label"] == label), key=lambda r: r["length"])
