@@ -382,3 +382,6 @@ def bench_ddp(args: argparse.Namespace | None = None) -> None:
     for line in (head, *rows):
         print("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)))
     print(f"  load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+BENCHMARKS["ddp"] = bench_ddp

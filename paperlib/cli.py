@@ -238,11 +238,10 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from paperlib import bench
 
-    fn = getattr(bench, "bench_" + args.name.replace("-", "_"), None)
+    fn = bench.BENCHMARKS.get(args.name)
     if fn is None:
-        names = sorted(n[6:].replace("_", "-") for n in dir(bench) if n.startswith("bench_"))
-        raise ConfigError(f"unknown benchmark {args.name!r}: choose one of {', '.join(names)}")
-    fn()
+        raise ConfigError(f"unknown benchmark {args.name!r}: choose one of {', '.join(bench.BENCHMARKS)}")
+    fn(None)
     return 0
 
 
@@ -292,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="versions, device and the data found").set_defaults(fn=cmd_env)
 
     b = sub.add_parser("bench", help="cost benchmarks that print figures")
-    b.add_argument("name", help="metrics, scan or train-step")
+    b.add_argument("name", help="metrics, scan, train-step, scaling, streaming or ddp")
     b.set_defaults(fn=cmd_bench)
     return parser
 
