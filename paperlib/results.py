@@ -123,15 +123,20 @@ def save_results(
         extra_provenance: added to the provenance (a merged study lists its shards there).
     """
     path = results_path(study, preset, output_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "schema": SCHEMA_VERSION,
-        "study": study,
-        "preset": preset,
-        "params": _jsonable(dict(params)),
-        "results": _jsonable(dict(results)),
-        "provenance": {**provenance(wall_seconds, started), **_jsonable(dict(extra_provenance or {}))},
-    }
+    prov = {**provenance(wall_seconds, started), **_jsonable(dict(extra_provenance or {}))}
+    return _write(path, _document(study, preset, params, results, prov))
+
+
+def _document(study: str, preset: str, params: Mapping[str, Any], results: Mapping[str, Any],
+              prov: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The results document: schema, study, preset, params, results, any ``extra`` keys, provenance."""
+    return {"schema": SCHEMA_VERSION, "study": study, "preset": preset, "params": _jsonable(dict(params)),
+            "results": _jsonable(dict(results)), **{k: _jsonable(v) for k, v in extra.items()},
+            "provenance": dict(prov)}
+
+
+def _write(path: Path, doc: Mapping[str, Any]) -> Path:
+    """Write ``doc`` as indented JSON, atomically (a failed write leaves the old file)."""
     with atomic_write(path) as fh:
         json.dump(doc, fh, indent=1, sort_keys=False)
         fh.write("\n")
@@ -247,20 +252,8 @@ def save_partial_results(
     """
     label = f"{shard['index']}-of-{shard['count']}"
     path = partial_results_path(study, preset, label, output_dir)
-    doc = {
-        "schema": SCHEMA_VERSION,
-        "study": study,
-        "preset": preset,
-        "params": _jsonable(dict(params)),
-        "results": _jsonable(dict(results)),
-        "shard": _jsonable(dict(shard)),
-        "code": code,
-        "provenance": provenance(wall_seconds, started),
-    }
-    with atomic_write(path) as fh:
-        json.dump(doc, fh, indent=1)
-        fh.write("\n")
-    return path
+    doc = _document(study, preset, params, results, provenance(wall_seconds, started), shard=dict(shard), code=code)
+    return _write(path, doc)
 
 
 def load_partial_results(path: str | os.PathLike) -> dict[str, Any]:
