@@ -496,7 +496,7 @@ def test_bench_prints_figures_targets_and_the_load(capsys):
     assert "Mamba4Rec / SASRec at L 16" in out and "target ≤ 0.8" in out and "4 runs" in out
     assert "exponent of time in L" in out and "target ≤ 1.1" in out
     assert "SASRec: key/value cache" in out and "target < 5 ms" in out
-    assert set(bench.BENCHMARKS) == {"metrics", "scan", "train-step", "scaling", "streaming"}
+    assert set(bench.BENCHMARKS) == {"metrics", "scan", "train-step", "scaling", "streaming", "ddp"}
 
 
 def test_sizes_table_reads_parameters_and_flops():
