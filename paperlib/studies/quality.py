@@ -415,8 +415,12 @@ def figure2(doc: dict, full: dict | None = None):
         axes[1][col].set_xlabel("training + validation time (minutes)")
         for row in (0, 1):
             axes[row][col].set_ylabel("validation NDCG@10")
-    axes[0][-1].legend(fontsize=8, title="solid: quick" + (", dashed: full run" if full_runs else ""),
-                       title_fontsize=8)
+    handles: dict[str, Any] = {}  # every model of every panel (the extra ML-1M ones too), once
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=8,
+                       title="solid: quick" + (", dashed: full run" if full_runs else ""), title_fontsize=8)
     fig.tight_layout()
     return fig
 
