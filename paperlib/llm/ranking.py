@@ -275,19 +275,8 @@ def rank_sampled(
     candidates = np.concatenate([prompts.targets[:, None], negatives], axis=1)  # true item in column 0
     start = time.perf_counter()
     table = _score_table(model, tokenizer, prompts, candidates, titles, batch_size)
-    seconds = time.perf_counter() - start
-    ranks = _ranks(table, np.zeros(len(prompts), dtype=np.int64))
-    return RankingResult(
-        protocol="sampled",
-        users=prompts.users,
-        targets=prompts.targets,
-        candidates=candidates,
-        scores=table,
-        ranks=ranks,
-        metrics=metrics_from_ranks(ranks, ks),
-        seconds=round(seconds, 3),
-        stats={"n_negatives": n_negatives, "seed": seed},
-    )
+    return _ranking_result("sampled", prompts, candidates, table, np.zeros(len(prompts), dtype=np.int64), ks,
+                           time.perf_counter() - start, {"n_negatives": n_negatives, "seed": seed})
 
 
 def rerank(
@@ -318,19 +307,17 @@ def rerank(
             true_col[row] = where[0]
     start = time.perf_counter()
     table = _score_table(model, tokenizer, prompts, top, titles, batch_size)
-    seconds = time.perf_counter() - start
+    return _ranking_result("rerank", prompts, top, table, true_col, ks, time.perf_counter() - start, {
+        "true_outside_list": int((true_col < 0).sum()),
+        "untitled_candidates": int(sum(int(i) not in titles for i in top.ravel())),
+    })
+
+
+def _ranking_result(protocol: str, prompts: EvalPrompts, candidates: np.ndarray, table: np.ndarray,
+                    true_col: np.ndarray, ks: Sequence[int], seconds: float, stats: dict) -> RankingResult:
+    """The result of scoring ``candidates`` (U, C) into ``table`` (U, C); ``true_col`` (U,) is the
+    column of each user's true item, -1 where it is not among the candidates."""
     ranks = _ranks(table, true_col)
-    return RankingResult(
-        protocol="rerank",
-        users=prompts.users,
-        targets=prompts.targets,
-        candidates=top,
-        scores=table,
-        ranks=ranks,
-        metrics=metrics_from_ranks(ranks, ks),
-        seconds=round(seconds, 3),
-        stats={
-            "true_outside_list": int((true_col < 0).sum()),
-            "untitled_candidates": int(sum(int(i) not in titles for i in top.ravel())),
-        },
-    )
+    return RankingResult(protocol=protocol, users=prompts.users, targets=prompts.targets, candidates=candidates,
+                         scores=table, ranks=ranks, metrics=metrics_from_ranks(ranks, ks),
+                         seconds=round(seconds, 3), stats=stats)
