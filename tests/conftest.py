@@ -12,8 +12,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# training checkpoints of the tests never mix with a user's (they default to the cache folder)
+# training checkpoints of the tests never mix with a user's (they default to the cache folder); each
+# test also gets a folder of its own (see _own_checkpoints): this one serves module-scoped fixtures
 os.environ["PAPERLIB_CHECKPOINTS"] = tempfile.mkdtemp(prefix="paperlib-test-checkpoints-")
+
+
+@pytest.fixture(autouse=True)
+def _own_checkpoints(tmp_path, monkeypatch):
+    """Each test trains into its own checkpoint folder, so no test reuses a model that another one
+    trained (runs are reused by key, and two tests can share settings)."""
+    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(tmp_path / "checkpoints"))
 
 
 def shared_data_dir() -> Path | None:

@@ -26,7 +26,6 @@ def smoke(tmp_path, **overrides) -> AdaptiveParams:
 @pytest.fixture
 def build(tmp_path, monkeypatch):
     monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
-    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(tmp_path / "build" / "checkpoints"))  # isolated from other tests
     return tmp_path / "build"
 
 

@@ -19,7 +19,6 @@ SMOKE_BUDGET_S = 180
 @pytest.mark.parametrize("study", list(studies().values()), ids=lambda s: s.notebook)
 def test_smoke_run(study, real_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
-    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(tmp_path / "build" / "checkpoints"))  # isolated from other tests
     t0 = time.perf_counter()
     executed = execute(study.notebook, "smoke", output_dir=tmp_path / "out", progress=False)
     elapsed = time.perf_counter() - t0
@@ -51,7 +50,6 @@ def test_unknown_notebook_and_preset(tmp_path):
 
 def test_wrong_type_fails_before_running(real_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
-    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(tmp_path / "build" / "checkpoints"))  # isolated from other tests
     with pytest.raises(ConfigError, match="'k_core' must be int, got str"):
         execute("01_datasets", "smoke", {"k_core": "five"}, output_dir=tmp_path / "out", progress=False)
     with pytest.raises(ConfigError, match="'k_core' must be >= 1, got 0"):

@@ -41,7 +41,7 @@ def smoke(real_data, tmp_path_factory):
     cfg = merge(orpo.OrpoParams, "04_orpo", "smoke", {"output_dir": str(out), "recompute": True, "resume": True})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PAPERLIB_BUILD", str(build))
-        mp.setenv("PAPERLIB_CHECKPOINTS", str(build / "checkpoints"))  # isolated from other tests
+        mp.setenv("PAPERLIB_CHECKPOINTS", str(build / "checkpoints"))  # module-scoped: before any test's own folder
         mp.setattr(orpo, "load_dataset", _with_blank_titles)
         doc = orpo.compute(cfg, progress=False)
     return {"doc": doc, "cfg": cfg, "build": build, "out": out}
@@ -153,7 +153,7 @@ def test_check_rejects_results_that_do_not_hold_together(smoke):
 
 def test_rerun_reuses_the_trained_mamba4rec(smoke, monkeypatch):
     monkeypatch.setenv("PAPERLIB_BUILD", str(smoke["build"]))
-    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(smoke["build"] / "checkpoints"))  # isolated from other tests
+    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(smoke["build"] / "checkpoints"))  # the smoke run's folder
     cfg = smoke["cfg"]
     data = load_dataset(cfg.dataset).subset(cfg.max_users, seed=cfg.seed)
     model, info = orpo.train_mamba4rec(cfg, data, progress=False)
@@ -253,7 +253,6 @@ def test_missing_title_file_is_a_clear_error_before_training(real_data, tmp_path
     shutil.copy(real_data / "ml-100k" / "u.data", folder / "u.data")  # interactions without u.item
     monkeypatch.setenv("PAPERLIB_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
-    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(tmp_path / "build" / "checkpoints"))  # isolated from other tests
     cfg = merge(orpo.OrpoParams, "04_orpo", "smoke", {"output_dir": str(tmp_path / "out"), "recompute": True})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # load_dataset warns before the study's error
@@ -264,7 +263,6 @@ def test_missing_title_file_is_a_clear_error_before_training(real_data, tmp_path
 
 def test_model_that_cannot_be_loaded_offline_fails_before_training(real_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
-    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(tmp_path / "build" / "checkpoints"))  # isolated from other tests
     cfg = merge(orpo.OrpoParams, "04_orpo", "smoke", {"output_dir": str(tmp_path / "out"), "recompute": True,
                                                       "model_source": "no-such-org/no-such-model-xyz"})
     with pytest.raises(llm.LLMLoadError, match="(?s)no-such-org/no-such-model-xyz.*local folder"):

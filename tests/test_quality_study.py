@@ -12,7 +12,6 @@ from paperlib.studies import quality
 @pytest.fixture
 def tiny_cfg(real_data, tmp_path, monkeypatch):
     monkeypatch.setenv("PAPERLIB_BUILD", str(tmp_path / "build"))
-    monkeypatch.setenv("PAPERLIB_CHECKPOINTS", str(tmp_path / "build" / "checkpoints"))  # isolated from other tests
     return merge(quality.QualityParams, "02_quality", "smoke", {
         "output_dir": str(tmp_path / "out"), "models": ["gru4rec"], "epochs": 1, "resume": True})
 
