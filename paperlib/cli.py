@@ -245,6 +245,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ties(args: argparse.Namespace) -> int:
+    from paperlib.studies import quality_ties
+
+    cfg = quality_ties.TieProbeParams(inter=args.inter, seeds=tuple(args.seeds), epochs=args.epochs,
+                                      model=args.model, device=args.device, output_dir=args.output_dir)
+    doc = quality_ties.compute(cfg)
+    print(quality_ties.table(doc).to_string())
+    print(quality_ties.summary(doc))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paperlib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="cost benchmarks that print figures")
     b.add_argument("name", help="metrics, scan, train-step, scaling, streaming or ddp")
     b.set_defaults(fn=cmd_bench)
+
+    t = sub.add_parser("ties", help="ML-1M's same-second ratings: train on RecBole's order, the copy's and "
+                                    "shuffled ties (02_quality shows the results)")
+    t.add_argument("inter", help="RecBole ml-1m.inter with a timestamp field (the whole file or its first users)")
+    t.add_argument("--seeds", type=int, nargs="+", default=[2020])
+    t.add_argument("--epochs", type=int, default=300, help="maximum epochs (early stopping, patience 10)")
+    t.add_argument("--model", default="mamba4rec")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--output-dir", default="", help="write results/ here instead of figures/")
+    t.set_defaults(fn=cmd_ties)
     return parser
 
 
