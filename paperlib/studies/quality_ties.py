@@ -24,6 +24,7 @@ metrics are paired by user, so their differences come with a standard error.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections import defaultdict
@@ -214,7 +215,8 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
                      "valid_ndcg": [h["valid"]["ndcg@10"] for h in res.history],
                      "user_ids": list(data.user_raw_ids), "test_ranks": ranks.tolist()})
     payload = {"report": tie_report(timed), "runs": runs,
-               "source": {"file": str(cfg.inter), "users": len(common), "users_in_file": n_file,
+               "source": {"file": str(cfg.inter), "sha256": hashlib.sha256(Path(cfg.inter).read_bytes()).hexdigest(),
+                          "users": len(common), "users_in_file": n_file,
                           "copy": "ml-1m as paperlib.data.load_interactions finds it"}}
     results.save_results(RESULTS, PRESET, asdict(cfg), payload, output_dir=cfg.output_dir,
                                wall_seconds=time.perf_counter() - t0, started=started)
