@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from paperlib import results
+from paperlib import paths, results
 from paperlib.data.process import kcore, load_interactions, to_sequential
 from paperlib.data.readers import read_interactions
 from paperlib.data.sequences import DataError, SequentialData, eval_batches
@@ -190,7 +190,12 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
     from paperlib.train import TrainConfig, fit
 
     started, t0 = results.now_iso(), time.perf_counter()
+    if progress:
+        from paperlib.studies.quality import _log_epochs_to_stdout
+
+        _log_epochs_to_stdout()
     timed = read_timed(cfg.inter)
+    digest = hashlib.sha256(Path(cfg.inter).read_bytes()).hexdigest()
     copy = load_interactions("ml-1m") if "copy" in cfg.variants else None
     common = set(timed["user"])
     n_file = len(common)
@@ -207,7 +212,10 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
                          seed=seed, device=cfg.device)
         if progress:
             print(f"[tie probe · {variant} · seed {seed} · {data.n_users} users]", flush=True)
-        res = fit(model, data, tc, progress=progress)
+        # checkpoints per input file, order, seed and settings: an interrupted probe resumes
+        key = hashlib.sha256(f"{digest}{variant}{seed}{asdict(cfg)}".encode()).hexdigest()[:12]
+        ckpt = paths.checkpoints_dir() / RESULTS / f"{variant}-{seed}-{key}"
+        res = fit(model, data, tc, checkpoint_dir=ckpt, resume=True, progress=progress)
         ranks = _test_ranks(model, data)
         runs.append({"variant": variant, "seed": seed, "users": data.n_users, "items": data.n_items,
                      "best_epoch": res.best_epoch, "epochs_run": len(res.history),
@@ -215,7 +223,7 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
                      "valid_ndcg": [h["valid"]["ndcg@10"] for h in res.history],
                      "user_ids": list(data.user_raw_ids), "test_ranks": ranks.tolist()})
     payload = {"report": tie_report(timed), "runs": runs,
-               "source": {"file": str(cfg.inter), "sha256": hashlib.sha256(Path(cfg.inter).read_bytes()).hexdigest(),
+               "source": {"file": str(cfg.inter), "sha256": digest,
                           "users": len(common), "users_in_file": n_file,
                           "copy": "ml-1m as paperlib.data.load_interactions finds it"}}
     results.save_results(RESULTS, PRESET, asdict(cfg), payload, output_dir=cfg.output_dir,
