@@ -213,7 +213,8 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
         if progress:
             print(f"[tie probe · {variant} · seed {seed} · {data.n_users} users]", flush=True)
         # checkpoints per input file, order, seed and settings: an interrupted probe resumes
-        key = hashlib.sha256(f"{digest}{variant}{seed}{asdict(cfg)}".encode()).hexdigest()[:12]
+        shaping = {k: v for k, v in asdict(cfg).items() if k not in ("variants", "seeds", "output_dir")}
+        key = hashlib.sha256(f"{digest}{variant}{seed}{shaping}".encode()).hexdigest()[:12]
         ckpt = paths.checkpoints_dir() / RESULTS / f"{variant}-{seed}-{key}"
         res = fit(model, data, tc, checkpoint_dir=ckpt, resume=True, progress=progress)
         ranks = _test_ranks(model, data)
