@@ -249,7 +249,8 @@ def cmd_ties(args: argparse.Namespace) -> int:
     from paperlib.studies import quality_ties
 
     cfg = quality_ties.TieProbeParams(inter=args.inter, seeds=tuple(args.seeds), epochs=args.epochs,
-                                      model=args.model, device=args.device, output_dir=args.output_dir)
+                                      model=args.model, device=args.device, output_dir=args.output_dir,
+                                      note=args.note)
     doc = quality_ties.compute(cfg)
     print(quality_ties.table(doc).to_string())
     print(quality_ties.summary(doc))
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="mamba4rec")
     t.add_argument("--device", default="cpu")
     t.add_argument("--output-dir", default="", help="write results/ here instead of figures/")
+    t.add_argument("--note", default="", help="where the .inter file came from, shown with the results")
     t.set_defaults(fn=cmd_ties)
     return parser
 

@@ -113,3 +113,6 @@ def test_probe_smoke_on_real_ml1m_users(real_data, tmp_path):
     text = q.summary(doc)
     assert "40 users" in text and "file − shuffled" in text
     assert list(q.table(doc).index) == ["file", "copy", "shuffled"]
+    # beside the full-length run, the summary puts the probe's difference next to the published gap
+    full = {"results": {"runs": [{"dataset": "ml-1m", "label": "Mamba4Rec", "test": {"ndcg@10": 0.1}}]}}
+    assert "the published figure 0.1822 is +82% above it" in q.summary(doc, full)

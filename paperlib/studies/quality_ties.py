@@ -62,6 +62,7 @@ class TieProbeParams(Checked):
     lr: float = param(1e-3, "Adam's learning rate", min=0.0)
     device: str = param("cpu", "cpu, cuda or auto")
     output_dir: str = param("", "folder for results/; empty: the repository's figures/")
+    note: str = param("", "where the .inter file came from, shown with the results")
 
     def validate(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -213,7 +214,7 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
         if progress:
             print(f"[tie probe · {variant} · seed {seed} · {data.n_users} users]", flush=True)
         # checkpoints per input file, order, seed and settings: an interrupted probe resumes
-        shaping = {k: v for k, v in asdict(cfg).items() if k not in ("variants", "seeds", "output_dir")}
+        shaping = {k: v for k, v in asdict(cfg).items() if k not in ("variants", "seeds", "output_dir", "note")}
         key = hashlib.sha256(f"{digest}{variant}{seed}{shaping}".encode()).hexdigest()[:12]
         ckpt = paths.checkpoints_dir() / RESULTS / f"{variant}-{seed}-{key}"
         res = fit(model, data, tc, checkpoint_dir=ckpt, resume=True, progress=progress)
@@ -259,25 +260,44 @@ def paired(doc: dict[str, Any], a: str, b: str) -> dict[str, float]:
 
 
 def table(doc: dict[str, Any]) -> pd.DataFrame:
-    """One row per order: test HR/NDCG/MRR@10 (mean over seeds), best epoch, users."""
-    rows = []
-    for r in doc["results"]["runs"]:
-        rows.append({"order": r["variant"], "seed": r["seed"], "users": r["users"],
-                     "best epoch": r["best_epoch"], **{m: r["test"][m] for m in ("hr@10", "ndcg@10", "mrr@10")}})
+    """One row per order: best validation NDCG@10, test HR/NDCG/MRR@10 and best epoch (means over
+    seeds), test NDCG@10 of each seed."""
+    rows = [{"order": r["variant"], "seed": r["seed"], "users": r["users"], "best epoch": r["best_epoch"],
+             "valid ndcg@10": r["best_valid"]["ndcg@10"],
+             **{m: r["test"][m] for m in ("hr@10", "ndcg@10", "mrr@10")}} for r in doc["results"]["runs"]]
     df = pd.DataFrame(rows)
-    return df.groupby("order", sort=False).mean(numeric_only=True).drop(columns="seed").round(4)
+    out = df.groupby("order", sort=False).mean(numeric_only=True).drop(columns="seed").round(4)
+    out["ndcg@10 per seed"] = df.groupby("order", sort=False).apply(
+        lambda g: ", ".join(f"{s}: {v:.4f}" for s, v in zip(g["seed"], g["ndcg@10"])), include_groups=False)
+    return out
 
 
-def summary(doc: dict[str, Any]) -> str:
-    """What the probe shows, written from its results."""
+def _full_gap(full: dict[str, Any] | None) -> tuple[float, float] | None:
+    """The full-length run's Mamba4Rec test NDCG@10 on ML-1M and the published figure, if both exist."""
+    from paperlib.studies.quality import PUBLISHED
+
+    if full is None:
+        return None
+    ours = [r["test"]["ndcg@10"] for r in full["results"]["runs"] if r["dataset"] == "ml-1m" and r["label"] == "Mamba4Rec"]
+    ref = [p["ndcg@10"] for p in PUBLISHED if p["dataset"] == "ml-1m" and p["model"] == "Mamba4Rec"
+           and p["protocol"] == "recbole"]
+    return (float(np.mean(ours)), ref[0]) if ours and ref else None
+
+
+def summary(doc: dict[str, Any], full: dict[str, Any] | None = None) -> str:
+    """What the probe shows, written from its results (and, with ``full``, the quality study's
+    full-length results, how it compares with the gap to the published Mamba4Rec figure)."""
     rep, src = doc["results"]["report"], doc["results"]["source"]
     t = table(doc)
+    seeds = sorted({r["seed"] for r in doc["results"]["runs"]})
     lines = [
-        f"On the {rep['users']:,} users of `{Path(src['file']).name}` ({rep['interactions']:,} ratings"
+        f"On the {rep['users']:,} users of `{Path(src['file']).name}`"
+        + (f" ({doc['params']['note']})" if doc["params"].get("note") else "") + f" ({rep['interactions']:,} ratings"
         + (f"; {src['users_in_file'] - src['users']} more in the file are left out, their items or time order "
            "differ from the copy's" if src.get("users_in_file", src["users"]) > src["users"] else "") + "), "
         f"{rep['tied_consecutive']:.0%} of consecutive ratings share their second; the test item shares "
-        f"its second with the item before it for {rep['test_tied']:.0%} of users.",
+        f"its second with the item before it for {rep['test_tied']:.0%} of users, the validation item with a "
+        f"neighbour for {rep['valid_tied']:.0%}.",
         f"Movie pairs tied in at least {rep['min_users']} users ({rep['pairs']:,} pairs) come in their "
         f"majority order {rep['order_consistency']:.1%} of the time in the file, against "
         f"{rep['order_consistency_random']:.1%} for a random order of the ties: "
@@ -286,12 +306,20 @@ def summary(doc: dict[str, Any]) -> str:
            "the file's order of ties is not much more consistent than chance."),
     ]
     if len(t):
-        lines.append("Test NDCG@10 of the same model and settings on each order: " + ", ".join(
-            f"{o} {row['ndcg@10']:.4f}" for o, row in t.iterrows()) + ".")
-    for a, b in (("file", "copy"), ("file", "shuffled"), ("copy", "shuffled")):
+        lines.append(f"Test NDCG@10 of the same model and settings on each order (mean over {len(seeds)} "
+                     f"seed{'s' if len(seeds) > 1 else ''}): "
+                     + ", ".join(f"{o} {row['ndcg@10']:.4f}" for o, row in t.iterrows()) + ".")
+    for a, b in (("file", "copy"), ("file", "shuffled"), ("shuffled", "copy")):
         if a in t.index and b in t.index:
             d = paired(doc, a, b)
             rel = t.loc[a, "ndcg@10"] / t.loc[b, "ndcg@10"] - 1
-            lines.append(f"{a} − {b}: {d['mean']:+.4f} ± {d['se']:.4f} (paired over {d['n']:,} user-runs; "
-                         f"{rel:+.0%}).")
+            lines.append(f"{a} − {b}: {d['mean']:+.4f} ± {d['se']:.4f} (standard error, paired over "
+                         f"{d['n']:,} user-runs; {rel:+.0%}).")
+    gap = _full_gap(full)
+    if gap and "file" in t.index and "copy" in t.index:
+        ours, ref = gap
+        lines.append(f"For scale: the full-length run's Mamba4Rec, trained on the copy, has test NDCG@10 "
+                     f"{ours:.4f}; the published figure {ref:.4f} is {ref / ours - 1:+.0%} above it. On these users "
+                     f"RecBole's order gives {t.loc['file', 'ndcg@10'] / t.loc['copy', 'ndcg@10'] - 1:+.0%} "
+                     f"over the copy's.")
     return "\n\n".join(lines)
