@@ -80,6 +80,16 @@ def test_cli_reports_a_bad_file(tmp_path, capsys):
     assert main(["ties", str(tmp_path / "missing.inter")]) == 2
 
 
+def test_tie_agreement_of_two_orders():
+    df = frame([("1", "a", 1), ("1", "b", 1), ("1", "c", 1), ("1", "d", 2), ("2", "e", 1), ("2", "f", 1)])
+    same = df[["user", "item"]]
+    assert q.tie_agreement(df, same) == 1.0
+    reverse = pd.DataFrame({"user": ["1"] * 4 + ["2"] * 2, "item": ["c", "b", "a", "d", "f", "e"]})
+    assert q.tie_agreement(df, reverse) == 0.0
+    half = pd.DataFrame({"user": ["1"] * 4 + ["2"] * 2, "item": ["b", "a", "c", "d", "e", "f"]})
+    assert q.tie_agreement(df, half) == pytest.approx(3 / 4)  # (a,b) reversed of a-b, a-c, b-c, e-f
+
+
 def test_paired_difference_is_per_user():
     def run(v, ranks):
         return {"variant": v, "seed": 1, "user_ids": ["1", "2", "3"], "test_ranks": ranks}
@@ -109,6 +119,7 @@ def test_probe_smoke_on_real_ml1m_users(real_data, tmp_path):
     assert runs["file"]["test_ranks"] == runs["copy"]["test_ranks"]
     assert q.paired(doc, "file", "copy") == {"mean": 0.0, "se": 0.0, "n": 40}
     assert doc["results"]["report"]["tied_consecutive"] > 0.5
+    assert doc["results"]["report"]["copy_agreement"] == 1.0  # the file was written in the copy's order
     assert q.load(str(tmp_path / "out"))["results"] == doc["results"]
     text = q.summary(doc)
     assert "40 users" in text and "file − shuffled" in text

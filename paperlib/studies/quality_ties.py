@@ -130,6 +130,20 @@ def tie_report(df: pd.DataFrame, min_users: int = 3, seed: int = 0) -> dict[str,
     }
 
 
+def tie_agreement(df: pd.DataFrame, other: pd.DataFrame) -> float:
+    """Share of tied pairs (same user, same second in ``df``) that ``other`` (``user``, ``item`` in
+    its own order) puts in ``df``'s order: 1 = the same order, 0.5 = unrelated, 0 = reversed."""
+    pos = {(u, i): k for k, (u, i) in enumerate(zip(other["user"], other["item"]))}
+    same = total = 0
+    for (u, _), g in df.groupby(["user", "timestamp"], sort=False):
+        if len(g) < 2 or (u, g["item"].iloc[0]) not in pos:
+            continue
+        where = [pos[(u, i)] for i in g["item"]]
+        for a, b in itertools.combinations(where, 2):
+            same, total = same + (a < b), total + 1
+    return same / total if total else float("nan")
+
+
 def ordered(df: pd.DataFrame, variant: str, copy: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
     """``user``, ``item`` rows of ``df``'s users in the order ``variant`` gives (see the module doc).
 
@@ -224,7 +238,10 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
                      "best_valid": res.best_valid, "test": res.test,
                      "valid_ndcg": [h["valid"]["ndcg@10"] for h in res.history],
                      "user_ids": list(data.user_raw_ids), "test_ranks": ranks.tolist()})
-    payload = {"report": tie_report(timed), "runs": runs,
+    report = tie_report(timed)
+    if copy is not None:
+        report["copy_agreement"] = tie_agreement(timed, ordered(timed, "copy", copy))
+    payload = {"report": report, "runs": runs,
                "source": {"file": str(cfg.inter), "sha256": digest,
                           "users": len(common), "users_in_file": n_file,
                           "copy": "ml-1m as paperlib.data.load_interactions finds it"}}
@@ -291,10 +308,11 @@ def summary(doc: dict[str, Any], full: dict[str, Any] | None = None) -> str:
     t = table(doc)
     seeds = sorted({r["seed"] for r in doc["results"]["runs"]})
     lines = [
-        f"On the {rep['users']:,} users of `{Path(src['file']).name}`"
-        + (f" ({doc['params']['note']})" if doc["params"].get("note") else "") + f" ({rep['interactions']:,} ratings"
-        + (f"; {src['users_in_file'] - src['users']} more in the file are left out, their items or time order "
-           "differ from the copy's" if src.get("users_in_file", src["users"]) > src["users"] else "") + "), "
+        f"On {rep['users']:,} users of `{Path(src['file']).name}` ("
+        + "; ".join(x for x in (doc["params"].get("note", ""), (
+            f"{src['users_in_file'] - src['users']} more in the file left out: their items or time order "
+            "differ from the copy's") if src.get("users_in_file", src["users"]) > src["users"] else "") if x)
+        + f"), {rep['interactions']:,} ratings in all, "
         f"{rep['tied_consecutive']:.0%} of consecutive ratings share their second; the test item shares "
         f"its second with the item before it for {rep['test_tied']:.0%} of users, the validation item with a "
         f"neighbour for {rep['valid_tied']:.0%}.",
@@ -309,12 +327,21 @@ def summary(doc: dict[str, Any], full: dict[str, Any] | None = None) -> str:
         lines.append(f"Test NDCG@10 of the same model and settings on each order (mean over {len(seeds)} "
                      f"seed{'s' if len(seeds) > 1 else ''}): "
                      + ", ".join(f"{o} {row['ndcg@10']:.4f}" for o, row in t.iterrows()) + ".")
+        lines.append("Best validation NDCG@10: " + ", ".join(
+            f"{o} {row['valid ndcg@10']:.4f}" for o, row in t.iterrows()) + ".")
     for a, b in (("file", "copy"), ("file", "shuffled"), ("shuffled", "copy")):
         if a in t.index and b in t.index:
             d = paired(doc, a, b)
             rel = t.loc[a, "ndcg@10"] / t.loc[b, "ndcg@10"] - 1
-            lines.append(f"{a} − {b}: {d['mean']:+.4f} ± {d['se']:.4f} (standard error, paired over "
-                         f"{d['n']:,} user-runs; {rel:+.0%}).")
+            lines.append(f"{a} − {b}: {d['mean']:+.4f} ± {d['se']:.4f} (standard error over "
+                         f"{d['n']:,} user-runs, paired by user and seed; {rel:+.0%}).")
+    if {"copy", "shuffled"} <= set(t.index):
+        d = paired(doc, "shuffled", "copy")
+        agree = rep.get("copy_agreement", float("nan"))
+        lines.append(f"The copy puts {agree:.1%} of tied pairs in the file's order (50% is chance); its ties "
+                     "and the shuffled ones "
+                     + ("differ by less than two standard errors." if abs(d["mean"]) < 2 * d["se"] else
+                        "differ by more than two standard errors."))
     gap = _full_gap(full)
     if gap and "file" in t.index and "copy" in t.index:
         ours, ref = gap
