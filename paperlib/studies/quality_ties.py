@@ -42,6 +42,8 @@ from paperlib.data.readers import read_interactions
 from paperlib.data.sequences import DataError, SequentialData, eval_batches
 from paperlib.fields import Checked, param
 from paperlib.metrics import RankingAccumulator
+from paperlib.runtime import code_fingerprint
+from paperlib.studies.quality import QUALITY_CODE, _log_epochs_to_stdout
 
 #: where the probe's results go: ``figures/results/quality_ties.paper.json``
 RESULTS, PRESET = "quality_ties", "paper"  # not a registered study: a probe of quality's
@@ -188,9 +190,10 @@ def _test_ranks(model, data: SequentialData) -> np.ndarray:
     """Rank of each user's test item (1 = first), in user order."""
     acc = RankingAccumulator((10,))
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for b in eval_batches(data, "test", 4096):
-            acc.add(model.score(b.items, b.lengths), b.targets)
+            acc.add(model.score(b.items.to(device), b.lengths.to(device)), b.targets.to(device))
     return acc.ranks.numpy()
 
 
@@ -206,8 +209,6 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
 
     started, t0 = results.now_iso(), time.perf_counter()
     if progress:
-        from paperlib.studies.quality import _log_epochs_to_stdout
-
         _log_epochs_to_stdout()
     timed = read_timed(cfg.inter)
     digest = hashlib.sha256(Path(cfg.inter).read_bytes()).hexdigest()
@@ -227,9 +228,11 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
                          seed=seed, device=cfg.device)
         if progress:
             print(f"[tie probe · {variant} · seed {seed} · {data.n_users} users]", flush=True)
-        # checkpoints per input file, order, seed and settings: an interrupted probe resumes
+        # checkpoints per input file, order, seed, settings and training code: an interrupted probe
+        # resumes, and never from checkpoints of other settings or code
         shaping = {k: v for k, v in asdict(cfg).items() if k not in ("variants", "seeds", "output_dir", "note")}
-        key = hashlib.sha256(f"{digest}{variant}{seed}{shaping}".encode()).hexdigest()[:12]
+        code = code_fingerprint(QUALITY_CODE)
+        key = hashlib.sha256(f"{digest}{variant}{seed}{shaping}{code}".encode()).hexdigest()[:12]
         ckpt = paths.checkpoints_dir() / RESULTS / f"{variant}-{seed}-{key}"
         res = fit(model, data, tc, checkpoint_dir=ckpt, resume=True, progress=progress)
         ranks = _test_ranks(model, data)
@@ -246,7 +249,7 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
                           "users": len(common), "users_in_file": n_file,
                           "copy": "ml-1m as paperlib.data.load_interactions finds it"}}
     results.save_results(RESULTS, PRESET, asdict(cfg), payload, output_dir=cfg.output_dir,
-                               wall_seconds=time.perf_counter() - t0, started=started)
+                         wall_seconds=time.perf_counter() - t0, started=started)
     return results.load_results(RESULTS, PRESET, cfg.output_dir or None)
 
 
