@@ -5,9 +5,10 @@ MovieLens stores ratings with a one-second clock, and its users rate many movies
 about half of consecutive ML-1M ratings share a timestamp. RecBole sorts each user's ratings by time
 with a *stable* sort, so ties keep the order of the file. In ML-1M's ``ratings.dat`` that order is
 close to one global order of the movies, the same for every user; a model can learn it, and the
-next item inside a same-second group becomes partly predictable from the items before it. The ML-1M
-copy this project develops on (``shared/data``: one ``user movie`` line each, from a community
-preprocessing without timestamps) orders ties as an unstable sort left them.
+next item inside a same-second group becomes partly predictable from the items before it. The
+community ML-1M file ``ml-1m_sequences.txt.gz`` (the ``sequences`` layout in
+``$PAPERLIB_DATA/ml-1m/``: one ``user movie`` line each, without timestamps) orders ties as an
+unstable sort left them.
 
 The probe takes a RecBole ``.inter`` file with timestamps (the whole of ML-1M, or the first users of
 one) and trains the same model, with the quality study's ``paper`` settings, on three orders of the
@@ -15,7 +16,8 @@ same interactions:
 
 * ``file``: RecBole's order (stable sort by timestamp, ties in file order);
 * ``copy``: the order of the ML-1M copy found by :func:`paperlib.data.load_interactions` for the
-  same users (the ``sequences`` layout in development; the official file gives ``file`` again);
+  same users (with ``ml-1m_sequences.txt.gz`` in ``$PAPERLIB_DATA/ml-1m/``, its order; with the
+  official ``ratings.dat`` there, ``file`` again);
 * ``shuffled``: RecBole's timestamps, ties in a random order (seeded).
 
 Everything else is equal: users, items, the 5-core filter, the leave-one-out split sizes. The test
@@ -215,13 +217,14 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
     copy = load_interactions("ml-1m") if "copy" in cfg.variants else None
     common = set(timed["user"])
     n_file = len(common)
+    copy_rows = None
     if copy is not None:  # every order on the same users: those the copy holds identically
-        both = ordered(timed, "copy", copy)
-        common = set(both["user"])
+        copy_rows = ordered(timed, "copy", copy)
+        common = set(copy_rows["user"])
     timed = timed[timed["user"].isin(common)].reset_index(drop=True)
     runs = []
     for variant, seed in itertools.product(cfg.variants, cfg.seeds):
-        rows = ordered(timed, variant, copy, seed)
+        rows = copy_rows if variant == "copy" else ordered(timed, variant, seed=seed)
         data = to_sequential(kcore(rows, 5), "ml-1m", 200)
         model = build_model(cfg.model, n_items=data.n_items, max_len=data.max_len, seed=seed)
         tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
@@ -242,8 +245,8 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
                      "valid_ndcg": [h["valid"]["ndcg@10"] for h in res.history],
                      "user_ids": list(data.user_raw_ids), "test_ranks": ranks.tolist()})
     report = tie_report(timed)
-    if copy is not None:
-        report["copy_agreement"] = tie_agreement(timed, ordered(timed, "copy", copy))
+    if copy_rows is not None:
+        report["copy_agreement"] = tie_agreement(timed, copy_rows)
     payload = {"report": report, "runs": runs,
                "source": {"file": str(cfg.inter), "sha256": digest,
                           "users": len(common), "users_in_file": n_file,
