@@ -214,12 +214,11 @@ def compute(cfg: TieProbeParams, progress: bool = True) -> dict[str, Any]:
         _log_epochs_to_stdout()
     timed = read_timed(cfg.inter)
     digest = hashlib.sha256(Path(cfg.inter).read_bytes()).hexdigest()
-    copy = load_interactions("ml-1m") if "copy" in cfg.variants else None
     common = set(timed["user"])
     n_file = len(common)
     copy_rows = None
-    if copy is not None:  # every order on the same users: those the copy holds identically
-        copy_rows = ordered(timed, "copy", copy)
+    if "copy" in cfg.variants:  # every order on the same users: those the copy holds identically
+        copy_rows = ordered(timed, "copy", load_interactions("ml-1m"))
         common = set(copy_rows["user"])
     timed = timed[timed["user"].isin(common)].reset_index(drop=True)
     runs = []
