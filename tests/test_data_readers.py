@@ -99,6 +99,25 @@ def test_recbole_inter(tmp_path):
     assert rows(no_time) == [("u", "a"), ("u", "b")]
 
 
+def test_recbole_inter_is_sorted_as_recbole_sorts_it(tmp_path):
+    """RecBole holds ``timestamp:float`` as float32: 978300775 and 978300790 both become 978300800,
+    a tie that keeps file order although the second rating is 15 s earlier; 978300760 (→ 978300736)
+    stays before them. The exact timestamps are returned."""
+    import numpy as np
+    import torch
+
+    from paperlib.data.readers import recbole_time
+
+    text = ("user_id:token\titem_id:token\ttimestamp:float\n"
+            "u1\tlate\t978300790\nu1\tearly\t978300775\nu1\tfirst\t978300760\nu1\tlast\t978300850\n")
+    df = read_interactions(write(tmp_path / "ml-1m.inter", text), "recbole-inter")
+    assert rows(df) == [("u1", "first", 978300760.0), ("u1", "late", 978300790.0), ("u1", "early", 978300775.0),
+                        ("u1", "last", 978300850.0)]
+    ts = np.array([956703932, 978300760, 978300775, 1046454590, 1_300_000_000, 17.5], dtype=np.float64)
+    assert recbole_time(ts).tolist() == torch.FloatTensor(ts).double().tolist()  # RecBole's conversion
+    assert recbole_time(ts)[2] == 978300800.0 and recbole_time(ts)[-1] == 17.5
+
+
 # --------------------------------------------------------------------------------------------
 # Titles
 

@@ -1,4 +1,4 @@
-"""The tie probe: counting same-second ratings, the three orders, paired differences, and a smoke
+"""The tie probe: counting same-second ratings, the four orders, paired differences, and a smoke
 run on real ML-1M users (timestamps made up for the test, consistent with the copy's order)."""
 
 from __future__ import annotations
@@ -47,6 +47,20 @@ def test_orders_keep_each_users_items_and_time():
         assert sorted(g["item"]) == sorted(df.loc[df["user"] == u, "item"])
     assert not shuffled["item"].equals(file["item"]), "groups of four are reordered"
     assert q.ordered(df, "shuffled", seed=1).equals(shuffled), "seeded"
+
+
+def test_recbole_order_ties_ratings_that_round_alike_in_float32():
+    # the file lists b (978300790) before a (978300775); RecBole's float32 makes both 978300800
+    df = frame([("u1", "x", 978300700), ("u1", "b", 978300790), ("u1", "a", 978300775), ("u1", "c", 978300900),
+                ("u2", "y", 978300775), ("u2", "z", 978300760)])
+    assert q.ordered(df, "recbole")["item"].tolist() == ["x", "b", "a", "c", "z", "y"]
+    assert q.ordered(df, "file")["item"].tolist() == ["x", "a", "b", "c", "z", "y"]
+    rep = q.tie_report(df)
+    assert rep["tied_consecutive"] == 0.0  # no two ratings share their exact second
+    assert rep["tied_consecutive_recbole"] == pytest.approx(1 / 4)  # (a, b) of u1's 3 pairs and u2's 1
+    assert rep["moved_recbole"] == pytest.approx(2 / 6) and rep["test_moved_recbole"] == 0.0
+    # a frame read by read_timed is already in RecBole's order: ordering it again changes nothing
+    assert q.ordered(df.iloc[[0, 1, 2, 3, 5, 4]], "recbole")["item"].tolist() == ["x", "b", "a", "c", "z", "y"]
 
 
 def test_copy_order_drops_users_whose_items_differ():
@@ -114,16 +128,18 @@ def test_probe_smoke_on_real_ml1m_users(real_data, tmp_path):
     cfg = q.TieProbeParams(inter=str(path), epochs=1, output_dir=str(tmp_path / "out"))
     doc = q.compute(cfg, progress=False)
     runs = {r["variant"]: r for r in doc["results"]["runs"]}
-    assert set(runs) == {"file", "copy", "shuffled"} and doc["results"]["source"]["users"] == 40
-    # the file was written in the copy's order, so those two orders are the same data
-    assert runs["file"]["test_ranks"] == runs["copy"]["test_ranks"]
+    assert set(runs) == {"recbole", "file", "copy", "shuffled"} and doc["results"]["source"]["users"] == 40
+    # the file was written in the copy's order, with small timestamps that float32 holds exactly, so
+    # those three orders are the same data
+    assert runs["file"]["test_ranks"] == runs["copy"]["test_ranks"] == runs["recbole"]["test_ranks"]
     assert q.paired(doc, "file", "copy") == {"mean": 0.0, "se": 0.0, "n": 40}
     assert doc["results"]["report"]["tied_consecutive"] > 0.5
     assert doc["results"]["report"]["copy_agreement"] == 1.0  # the file was written in the copy's order
     assert q.load(str(tmp_path / "out"))["results"] == doc["results"]
     text = q.summary(doc)
     assert "40 users" in text and "file − shuffled" in text
-    assert list(q.table(doc).index) == ["file", "copy", "shuffled"]
+    assert list(q.table(doc).index) == ["recbole", "file", "copy", "shuffled"]
+    assert "0% of the positions hold another item" in text
     # beside the full-length run, the summary puts the probe's difference next to the published gap
     full = {"results": {"runs": [{"dataset": "ml-1m", "label": "Mamba4Rec", "test": {"ndcg@10": 0.1}}]}}
     assert "the published figure 0.1822 is +82% above it" in q.summary(doc, full)

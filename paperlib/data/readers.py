@@ -8,7 +8,9 @@ Interaction readers return a DataFrame with columns
 
 one row per interaction, users grouped in order of first appearance, each user's rows in time
 order: a stable sort by timestamp where the format has one (ties keep file order, as RecBole's
-stable sort does), file order otherwise (the community formats are written in time order).
+stable sort does), file order otherwise (the community formats are written in time order). RecBole's
+own ``.inter`` files are sorted as RecBole sorts them: by the timestamp as RecBole holds it, a float32
+(:func:`recbole_time`), so ratings less than about a minute apart are ties that keep file order.
 
 Title readers return ``dict[str, str]``: raw item id -> title, items with an empty title left out.
 
@@ -59,6 +61,7 @@ __all__ = [
     "read_titles",
     "parse_interactions",
     "chronological",
+    "recbole_time",
 ]
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -205,11 +208,22 @@ def _parse_table(text: str, where: str, sep: str, kinds: Sequence[str], expected
 # Interaction readers
 
 
-def chronological(df: pd.DataFrame) -> pd.DataFrame:
-    """Group users in order of first appearance; within a user, stable-sort by ``timestamp`` if present."""
+def recbole_time(ts: np.ndarray) -> np.ndarray:
+    """Timestamps as RecBole 1.2 sorts them: its ``timestamp:float`` field becomes a
+    ``torch.FloatTensor`` (float32, 24-bit mantissa), so Unix times of 2^29–2^30 s (Jan 1987 to
+    Jan 2004: MovieLens 100K and 1M) are rounded to multiples of 64 s, and RecBole's stable sort by
+    (user, time) keeps file order among ratings that round alike. Returned as float64 values."""
+    return np.asarray(ts, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def chronological(df: pd.DataFrame, key: np.ndarray | None = None) -> pd.DataFrame:
+    """Group users in order of first appearance; within a user, stable-sort by ``key`` (default: the
+    ``timestamp`` column, if present)."""
     ucode = pd.factorize(df["user"])[0]
-    if "timestamp" in df.columns:
-        order = np.argsort(df["timestamp"].to_numpy(), kind="stable")
+    if key is None and "timestamp" in df.columns:
+        key = df["timestamp"].to_numpy()
+    if key is not None:
+        order = np.argsort(key, kind="stable")
         order = order[np.argsort(ucode[order], kind="stable")]
     else:
         order = np.argsort(ucode, kind="stable")
@@ -218,11 +232,11 @@ def chronological(df: pd.DataFrame) -> pd.DataFrame:
     return df.iloc[order].reset_index(drop=True)
 
 
-def _frame(user, item, timestamp=None) -> pd.DataFrame:
+def _frame(user, item, timestamp=None, sort_key=None) -> pd.DataFrame:
     cols = {"user": pd.Series(user, dtype=str), "item": pd.Series(item, dtype=str)}
     if timestamp is not None:
         cols["timestamp"] = pd.Series(timestamp)
-    return chronological(pd.DataFrame(cols))
+    return chronological(pd.DataFrame(cols), sort_key)
 
 
 def _parse_ml1m_ratings(text: str, where: str) -> pd.DataFrame:
@@ -315,7 +329,9 @@ def _parse_recbole_inter(text: str, where: str) -> pd.DataFrame:
     expected = f"{len(names)} tab-separated fields ({', '.join(names)})"
     df = _parse_table(body, where, "\t", kinds, expected, first=2)
     ts = df[names.index("timestamp")].astype("float64").to_numpy() if "timestamp" in names else None
-    return _frame(df[names.index("user_id")].to_numpy(), df[names.index("item_id")].to_numpy(), ts)
+    # RecBole's order, not the exact time order: see recbole_time (the exact timestamps are kept)
+    return _frame(df[names.index("user_id")].to_numpy(), df[names.index("item_id")].to_numpy(), ts,
+                  None if ts is None else recbole_time(ts))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,17 @@ community ML-1M file ``ml-1m_sequences.txt.gz`` (the ``sequences`` layout in
 ``$PAPERLIB_DATA/ml-1m/``: one ``user movie`` line each, without timestamps) orders ties as an
 unstable sort left them.
 
+RecBole's ties are wider than a second: it holds ``timestamp:float`` as float32, which resolves
+ML-1M's Unix times to 64 s (:func:`paperlib.data.readers.recbole_time`), so all ratings of a user
+that round to the same 64 s keep file order, even where their exact seconds differ.
+
 The probe takes a RecBole ``.inter`` file with timestamps (the whole of ML-1M, or the first users of
-one) and trains the same model, with the quality study's ``paper`` settings, on three orders of the
+one) and trains the same model, with the quality study's ``paper`` settings, on four orders of the
 same interactions:
 
-* ``file``: RecBole's order (stable sort by timestamp, ties in file order);
+* ``recbole``: RecBole 1.2's order (stable sort by the float32 timestamp, ties in file order);
+* ``file``: a stable sort by the exact second, same-second ties in file order (RecBole's order, were
+  its timestamps exact);
 * ``copy``: the order of the ML-1M copy found by :func:`paperlib.data.load_interactions` for the
   same users (with ``ml-1m_sequences.txt.gz`` in ``$PAPERLIB_DATA/ml-1m/``, its order; with the
   official ``ratings.dat`` there, ``file`` again);
@@ -40,7 +46,7 @@ import torch
 
 from paperlib import paths, results
 from paperlib.data.process import kcore, load_interactions, to_sequential
-from paperlib.data.readers import read_interactions
+from paperlib.data.readers import read_interactions, recbole_time
 from paperlib.data.sequences import DataError, SequentialData, eval_batches
 from paperlib.fields import Checked, param
 from paperlib.metrics import RankingAccumulator
@@ -49,7 +55,7 @@ from paperlib.studies.quality import QUALITY_CODE, _log_epochs_to_stdout
 
 #: where the probe's results go: ``figures/results/quality_ties.paper.json``
 RESULTS, PRESET = "quality_ties", "paper"  # not a registered study: a probe of quality's
-VARIANTS = ("file", "copy", "shuffled")
+VARIANTS = ("recbole", "file", "copy", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class TieProbeParams(Checked):
 
     inter: str = param("", "RecBole .inter file of ML-1M with a timestamp field (the whole file or its first users)")
     model: str = param("mamba4rec", "model trained on each order")
-    variants: tuple[str, ...] = param(VARIANTS, "orders to compare: file, copy, shuffled")
+    variants: tuple[str, ...] = param(VARIANTS, "orders to compare: recbole, file, copy, shuffled")
     seeds: tuple[int, ...] = param((2020,), "one run per order and seed")
     epochs: int = param(300, "maximum epochs", min=1)
     patience: int = param(10, "early-stopping patience on validation NDCG@10", min=0)
@@ -77,8 +83,9 @@ class TieProbeParams(Checked):
 
 
 def read_timed(path: str | Path) -> pd.DataFrame:
-    """A RecBole ``.inter`` file as ``user``, ``item``, ``timestamp``, users grouped, each user's rows
-    stable-sorted by time (RecBole's order). A file without timestamps is refused: ties need them."""
+    """A RecBole ``.inter`` file as ``user``, ``item``, ``timestamp`` (exact), users grouped, each
+    user's rows in RecBole's order (a stable sort by the float32 timestamp: ties keep file order). A
+    file without timestamps is refused: ties need them."""
     df = read_interactions(path, "recbole-inter")
     if "timestamp" not in df.columns:
         raise DataError(f"{path}: no timestamp field; the tie probe needs RecBole's 'timestamp:float' column")
@@ -98,8 +105,18 @@ def tie_report(df: pd.DataFrame, min_users: int = 3, seed: int = 0) -> dict[str,
     timestamps), ``test_tied`` / ``valid_tied`` (share of users whose test / validation item shares its
     second with a neighbour), ``order_consistency`` (over movie pairs tied in ``min_users`` users or
     more: the share of their ties in the pair's majority order; 1 = one global order),
-    ``order_consistency_random`` (the same with ties shuffled) and ``pairs`` (how many movie pairs).
+    ``order_consistency_random`` (the same with ties shuffled) and ``pairs`` (how many movie pairs);
+    for RecBole's float32 timestamps: ``tied_consecutive_recbole`` (consecutive pairs that tie there),
+    ``moved_recbole`` (share of positions whose item differs between the ``recbole`` and ``file``
+    orders) and ``test_moved_recbole`` (share of users whose test item differs).
     """
+    recbole = ordered(df, "recbole")
+    df = df.iloc[_exact_order(df)]  # the counts below are of exact seconds, same-second ties in df's order
+    users = df["user"].to_numpy()
+    same_user = users[1:] == users[:-1]
+    rt = recbole_time(df["timestamp"].to_numpy())  # nondecreasing within a user in both orders
+    moved = recbole["item"].to_numpy() != df["item"].to_numpy()
+    last = np.r_[~same_user, True]  # each user's test row
     votes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     shuffled: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     rng = np.random.default_rng(seed)
@@ -127,6 +144,9 @@ def tie_report(df: pd.DataFrame, min_users: int = 3, seed: int = 0) -> dict[str,
 
     held, n_pairs = consistency(votes)
     return {
+        "tied_consecutive_recbole": float(((rt[1:] == rt[:-1]) & same_user).sum() / max(same_user.sum(), 1)),
+        "moved_recbole": float(moved.mean()) if len(df) else 0.0,
+        "test_moved_recbole": float(moved[last].mean()) if len(df) else 0.0,
         "users": n_users, "interactions": len(df),
         "tied_consecutive": tied / max(pairs, 1), "test_tied": test_tied / max(n_users, 1),
         "valid_tied": valid_tied / max(n_users, 1), "order_consistency": held,
@@ -148,19 +168,30 @@ def tie_agreement(df: pd.DataFrame, other: pd.DataFrame) -> float:
     return same / total if total else float("nan")
 
 
+def _exact_order(df: pd.DataFrame, key: np.ndarray | None = None) -> np.ndarray:
+    """Row positions of ``df`` stable-sorted by (user in order of first appearance, ``key``: default the
+    exact timestamp): ties keep ``df``'s order."""
+    key = df["timestamp"].to_numpy() if key is None else key
+    return np.lexsort((key, pd.factorize(df["user"])[0]))
+
+
 def ordered(df: pd.DataFrame, variant: str, copy: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
-    """``user``, ``item`` rows of ``df``'s users in the order ``variant`` gives (see the module doc).
+    """``user``, ``item`` rows of ``df``'s users in the order ``variant`` gives (see the module doc);
+    ``df`` holds each user's rows in file order or in RecBole's (:func:`read_timed`): ties keep it.
 
     ``copy`` (``user``, ``item`` in its own time order) is needed for ``variant="copy"``; users whose
     items differ between ``df`` and ``copy``, or whose copy order goes back in ``df``'s time, are
     dropped (their count is in the returned frame's ``attrs["dropped"]``).
     """
-    if variant == "file":
-        out = df[["user", "item"]]
+    if variant == "recbole":
+        out = df.iloc[_exact_order(df, recbole_time(df["timestamp"].to_numpy()))][["user", "item"]]
+    elif variant == "file":
+        out = df.iloc[_exact_order(df)][["user", "item"]]
     elif variant == "shuffled":
+        exact = df.iloc[_exact_order(df)]
         rng = np.random.default_rng(seed)
-        key = rng.permutation(len(df))  # a random order, then RecBole's stable sort by (user, time)
-        shuffled = df.iloc[np.lexsort((key, df["timestamp"].to_numpy(), pd.factorize(df["user"])[0]))]
+        key = rng.permutation(len(exact))  # a random order, then a stable sort by (user, second)
+        shuffled = exact.iloc[np.lexsort((key, exact["timestamp"].to_numpy(), pd.factorize(exact["user"])[0]))]
         out = shuffled[["user", "item"]]
     elif variant == "copy":
         if copy is None:
@@ -328,13 +359,20 @@ def summary(doc: dict[str, Any], full: dict[str, Any] | None = None) -> str:
            if rep["order_consistency"] - rep["order_consistency_random"] > 0.1 else
            "the file's order of ties is not much more consistent than chance."),
     ]
+    if "moved_recbole" in rep:
+        lines.append(
+            f"RecBole holds the timestamps as float32 (64 s steps for these dates) and sorts by them: "
+            f"{rep['tied_consecutive_recbole']:.0%} of consecutive ratings tie there and keep file order, "
+            f"so {rep['moved_recbole']:.0%} of the positions hold another item than in the exact time order "
+            f"(`file`), and the test item is another for {rep['test_moved_recbole']:.0%} of users.")
     if len(t):
         lines.append(f"Test NDCG@10 of the same model and settings on each order (mean over {len(seeds)} "
                      f"seed{'s' if len(seeds) > 1 else ''}): "
                      + ", ".join(f"{o} {row['ndcg@10']:.4f}" for o, row in t.iterrows()) + ".")
         lines.append("Best validation NDCG@10: " + ", ".join(
             f"{o} {row['valid ndcg@10']:.4f}" for o, row in t.iterrows()) + ".")
-    for a, b in (("file", "copy"), ("file", "shuffled"), ("shuffled", "copy")):
+    for a, b in (("recbole", "file"), ("recbole", "copy"), ("file", "copy"), ("file", "shuffled"),
+                 ("shuffled", "copy")):
         if a in t.index and b in t.index:
             d = paired(doc, a, b)
             rel = t.loc[a, "ndcg@10"] / t.loc[b, "ndcg@10"] - 1
@@ -348,10 +386,12 @@ def summary(doc: dict[str, Any], full: dict[str, Any] | None = None) -> str:
                      + ("differ by less than two standard errors." if abs(d["mean"]) < 2 * d["se"] else
                         "differ by more than two standard errors."))
     gap = _full_gap(full)
-    if gap and "file" in t.index and "copy" in t.index:
+    theirs = next((v for v in ("recbole", "file") if v in t.index), None)
+    if gap and theirs and "copy" in t.index:
         ours, ref = gap
+        what = "RecBole's order" if theirs == "recbole" else "the exact time order with ties in file order"
         lines.append(f"For scale: the full-length run's Mamba4Rec, trained on the copy, has test NDCG@10 "
                      f"{ours:.4f}; the published figure {ref:.4f} is {ref / ours - 1:+.0%} above it. On these users "
-                     f"RecBole's order gives {t.loc['file', 'ndcg@10'] / t.loc['copy', 'ndcg@10'] - 1:+.0%} "
+                     f"{what} gives {t.loc[theirs, 'ndcg@10'] / t.loc['copy', 'ndcg@10'] - 1:+.0%} "
                      f"over the copy's.")
     return "\n\n".join(lines)
