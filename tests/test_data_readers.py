@@ -40,6 +40,13 @@ def test_ml1m_ratings_sorted_per_user_stably(tmp_path):
     assert rows(df) == [("2", "21", 200), ("2", "20", 300), ("1", "11", 50), ("1", "12", 50), ("1", "10", 100)]
 
 
+def test_ml1m_ratings_in_recbole_order(tmp_path):
+    # 978300790 and 978300775 are one float32 (978300800) in RecBole: file order, not time order
+    text = "1::10::3::978300790\n1::11::4::978300775\n1::12::4::978300760\n"
+    df = read_interactions(write(tmp_path / "ratings.dat", text, "latin-1"), "ml1m-ratings")
+    assert rows(df) == [("1", "12", 978300760), ("1", "10", 978300790), ("1", "11", 978300775)]
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_ml100k_udata_plain_and_gz(tmp_path, gz):
     text = "196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t377\t1\t878887116\n"

@@ -7,10 +7,10 @@ Interaction readers return a DataFrame with columns
 * ``timestamp`` (int64 seconds, or float64 for RecBole files): only for formats that have one,
 
 one row per interaction, users grouped in order of first appearance, each user's rows in time
-order: a stable sort by timestamp where the format has one (ties keep file order, as RecBole's
-stable sort does), file order otherwise (the community formats are written in time order). RecBole's
-own ``.inter`` files are sorted as RecBole sorts them: by the timestamp as RecBole holds it, a float32
-(:func:`recbole_time`), so ratings less than about a minute apart are ties that keep file order.
+order: RecBole's, where the format has a timestamp: a stable sort by the timestamp as RecBole holds it,
+a float32 (:func:`recbole_time`), so ties keep file order, and on MovieLens ratings that round to the
+same 64 s are ties too; file order otherwise (the community formats are written in time order). The
+``timestamp`` column keeps the exact values.
 
 Title readers return ``dict[str, str]``: raw item id -> title, items with an empty title left out.
 
@@ -212,7 +212,11 @@ def recbole_time(ts: np.ndarray) -> np.ndarray:
     """Timestamps as RecBole 1.2 sorts them: its ``timestamp:float`` field becomes a
     ``torch.FloatTensor`` (float32, 24-bit mantissa), so Unix times of 2^29–2^30 s (Jan 1987 to
     Jan 2004: MovieLens 100K and 1M) are rounded to multiples of 64 s, and RecBole's stable sort by
-    (user, time) keeps file order among ratings that round alike. Returned as float64 values."""
+    (user, time) keeps file order among ratings that round alike. Whole days (Amazon's review
+    times) stay exact. Returned as float64 values.
+
+    This is RecBole's order, not strict time order: the published Mamba4Rec figures were trained
+    and tested on it (the tie probe, ``paperlib.studies.quality_ties``, measures what it changes)."""
     return np.asarray(ts, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
@@ -232,11 +236,12 @@ def chronological(df: pd.DataFrame, key: np.ndarray | None = None) -> pd.DataFra
     return df.iloc[order].reset_index(drop=True)
 
 
-def _frame(user, item, timestamp=None, sort_key=None) -> pd.DataFrame:
+def _frame(user, item, timestamp=None) -> pd.DataFrame:
+    """Rows in RecBole's order (see the module doc); the exact timestamps are kept."""
     cols = {"user": pd.Series(user, dtype=str), "item": pd.Series(item, dtype=str)}
     if timestamp is not None:
         cols["timestamp"] = pd.Series(timestamp)
-    return chronological(pd.DataFrame(cols), sort_key)
+    return chronological(pd.DataFrame(cols), None if timestamp is None else recbole_time(timestamp))
 
 
 def _parse_ml1m_ratings(text: str, where: str) -> pd.DataFrame:
@@ -329,9 +334,7 @@ def _parse_recbole_inter(text: str, where: str) -> pd.DataFrame:
     expected = f"{len(names)} tab-separated fields ({', '.join(names)})"
     df = _parse_table(body, where, "\t", kinds, expected, first=2)
     ts = df[names.index("timestamp")].astype("float64").to_numpy() if "timestamp" in names else None
-    # RecBole's order, not the exact time order: see recbole_time (the exact timestamps are kept)
-    return _frame(df[names.index("user_id")].to_numpy(), df[names.index("item_id")].to_numpy(), ts,
-                  None if ts is None else recbole_time(ts))
+    return _frame(df[names.index("user_id")].to_numpy(), df[names.index("item_id")].to_numpy(), ts)
 
 
 # --------------------------------------------------------------------------------------------
