@@ -23,7 +23,7 @@ same interactions:
   its timestamps exact);
 * ``copy``: the order of the ML-1M copy found by :func:`paperlib.data.load_interactions` for the
   same users (with ``ml-1m_sequences.txt.gz`` in ``$PAPERLIB_DATA/ml-1m/``, its order; with the
-  official ``ratings.dat`` there, ``file`` again);
+  official ``ratings.dat`` there, ``recbole`` again);
 * ``shuffled``: RecBole's timestamps, ties in a random order (seeded).
 
 Everything else is equal: users, items, the 5-core filter, the leave-one-out split sizes. The test
@@ -111,7 +111,7 @@ def tie_report(df: pd.DataFrame, min_users: int = 3, seed: int = 0) -> dict[str,
     orders) and ``test_moved_recbole`` (share of users whose test item differs).
     """
     recbole = ordered(df, "recbole")
-    df = df.iloc[_exact_order(df)]  # the counts below are of exact seconds, same-second ties in df's order
+    df = df.iloc[_user_time_order(df)]  # the counts below are of exact seconds, same-second ties in df's order
     users = df["user"].to_numpy()
     same_user = users[1:] == users[:-1]
     rt = recbole_time(df["timestamp"].to_numpy())  # nondecreasing within a user in both orders
@@ -168,9 +168,9 @@ def tie_agreement(df: pd.DataFrame, other: pd.DataFrame) -> float:
     return same / total if total else float("nan")
 
 
-def _exact_order(df: pd.DataFrame, key: np.ndarray | None = None) -> np.ndarray:
+def _user_time_order(df: pd.DataFrame, key: np.ndarray | None = None) -> np.ndarray:
     """Row positions of ``df`` stable-sorted by (user in order of first appearance, ``key``: default the
-    exact timestamp): ties keep ``df``'s order."""
+    exact timestamp, or RecBole's float32 one): ties keep ``df``'s order."""
     key = df["timestamp"].to_numpy() if key is None else key
     return np.lexsort((key, pd.factorize(df["user"])[0]))
 
@@ -184,11 +184,11 @@ def ordered(df: pd.DataFrame, variant: str, copy: pd.DataFrame | None = None, se
     dropped (their count is in the returned frame's ``attrs["dropped"]``).
     """
     if variant == "recbole":
-        out = df.iloc[_exact_order(df, recbole_time(df["timestamp"].to_numpy()))][["user", "item"]]
+        out = df.iloc[_user_time_order(df, recbole_time(df["timestamp"].to_numpy()))][["user", "item"]]
     elif variant == "file":
-        out = df.iloc[_exact_order(df)][["user", "item"]]
+        out = df.iloc[_user_time_order(df)][["user", "item"]]
     elif variant == "shuffled":
-        exact = df.iloc[_exact_order(df)]
+        exact = df.iloc[_user_time_order(df)]
         rng = np.random.default_rng(seed)
         key = rng.permutation(len(exact))  # a random order, then a stable sort by (user, second)
         shuffled = exact.iloc[np.lexsort((key, exact["timestamp"].to_numpy(), pd.factorize(exact["user"])[0]))]
