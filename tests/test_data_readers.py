@@ -123,6 +123,8 @@ def test_recbole_inter_is_sorted_as_recbole_sorts_it(tmp_path):
     ts = np.array([956703932, 978300760, 978300775, 1046454590, 1_300_000_000, 17.5], dtype=np.float64)
     assert recbole_time(ts).tolist() == torch.FloatTensor(ts).double().tolist()  # RecBole's conversion
     assert recbole_time(ts)[2] == 978300800.0 and recbole_time(ts)[-1] == 17.5
+    days = np.arange(10_957, 16_437, dtype=np.float64) * 86_400  # every day of 2000-2014 (Amazon 2014)
+    assert (recbole_time(days) == days).all(), "whole days keep their exact order"
 
 
 # --------------------------------------------------------------------------------------------
