@@ -248,9 +248,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_ties(args: argparse.Namespace) -> int:
     from paperlib.studies import quality_ties
 
+    orders = {"variants": tuple(args.orders)} if args.orders else {}  # default: every order
     cfg = quality_ties.TieProbeParams(inter=args.inter, seeds=tuple(args.seeds), epochs=args.epochs,
                                       model=args.model, device=args.device, output_dir=args.output_dir,
-                                      note=args.note)
+                                      note=args.note, **orders)
     doc = quality_ties.compute(cfg)
     print(quality_ties.table(doc).to_string())
     print(quality_ties.summary(doc))
@@ -306,10 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", help="metrics, scan, train-step, scaling, streaming or ddp")
     b.set_defaults(fn=cmd_bench)
 
-    t = sub.add_parser("ties", help="ML-1M's same-second ratings: train on RecBole's order, the copy's and "
-                                    "shuffled ties (02_quality shows the results)")
+    t = sub.add_parser("ties", help="ML-1M's tied ratings: train on RecBole's order (float32 time), exact time "
+                                    "order, the copy's and shuffled ties (02_quality shows the results)")
     t.add_argument("inter", help="RecBole ml-1m.inter with a timestamp field (the whole file or its first users)")
     t.add_argument("--seeds", type=int, nargs="+", default=[2020])
+    t.add_argument("--orders", nargs="+", default=None,
+                   help="orders to train on (default all): recbole, file, copy, shuffled")
     t.add_argument("--epochs", type=int, default=300, help="maximum epochs (early stopping, patience 10)")
     t.add_argument("--model", default="mamba4rec")
     t.add_argument("--device", default="cpu")

@@ -92,6 +92,26 @@ def test_cli_reports_a_bad_file(tmp_path, capsys):
     assert main(["ties", str(path)]) == 2
     assert "no timestamp field" in capsys.readouterr().err
     assert main(["ties", str(tmp_path / "missing.inter")]) == 2
+    timed = tmp_path / "t.inter"
+    timed.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\t5\n")
+    assert main(["ties", str(timed), "--orders", "recbole", "exact"]) == 2
+    assert "variants must be a non-empty subset" in capsys.readouterr().err
+
+
+def test_cli_passes_the_chosen_orders(tmp_path, monkeypatch):
+    from paperlib.cli import main
+
+    seen = {}
+
+    def fake_compute(cfg, progress=True):
+        seen["cfg"] = cfg
+        raise q.DataError("stop here")
+
+    monkeypatch.setattr(q, "compute", fake_compute)
+    assert main(["ties", str(tmp_path / "x.inter"), "--orders", "recbole", "copy", "--seeds", "1", "2"]) == 2
+    assert seen["cfg"].variants == ("recbole", "copy") and seen["cfg"].seeds == (1, 2)
+    main(["ties", str(tmp_path / "x.inter")])
+    assert seen["cfg"].variants == q.VARIANTS
 
 
 def test_tie_agreement_of_two_orders():
