@@ -248,10 +248,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_ties(args: argparse.Namespace) -> int:
     from paperlib.studies import quality_ties
 
-    orders = {"variants": tuple(args.orders)} if args.orders else {}  # default: every order
     cfg = quality_ties.TieProbeParams(inter=args.inter, seeds=tuple(args.seeds), epochs=args.epochs,
                                       model=args.model, device=args.device, output_dir=args.output_dir,
-                                      note=args.note, **orders)
+                                      note=args.note, variants=tuple(args.orders or quality_ties.VARIANTS))
     doc = quality_ties.compute(cfg)
     print(quality_ties.table(doc).to_string())
     print(quality_ties.summary(doc))

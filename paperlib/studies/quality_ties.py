@@ -46,7 +46,7 @@ import torch
 
 from paperlib import paths, results
 from paperlib.data.process import kcore, load_interactions, to_sequential
-from paperlib.data.readers import read_interactions, recbole_time
+from paperlib.data.readers import chronological, read_interactions, recbole_time
 from paperlib.data.sequences import DataError, SequentialData, eval_batches
 from paperlib.fields import Checked, param
 from paperlib.metrics import RankingAccumulator
@@ -111,7 +111,7 @@ def tie_report(df: pd.DataFrame, min_users: int = 3, seed: int = 0) -> dict[str,
     orders) and ``test_moved_recbole`` (share of users whose test item differs).
     """
     recbole = ordered(df, "recbole")
-    df = df.iloc[_user_time_order(df)]  # the counts below are of exact seconds, same-second ties in df's order
+    df = chronological(df)  # the counts below are of exact seconds, same-second ties in df's order
     users = df["user"].to_numpy()
     same_user = users[1:] == users[:-1]
     rt = recbole_time(df["timestamp"].to_numpy())  # nondecreasing within a user in both orders
@@ -168,13 +168,6 @@ def tie_agreement(df: pd.DataFrame, other: pd.DataFrame) -> float:
     return same / total if total else float("nan")
 
 
-def _user_time_order(df: pd.DataFrame, key: np.ndarray | None = None) -> np.ndarray:
-    """Row positions of ``df`` stable-sorted by (user in order of first appearance, ``key``: default the
-    exact timestamp, or RecBole's float32 one): ties keep ``df``'s order."""
-    key = df["timestamp"].to_numpy() if key is None else key
-    return np.lexsort((key, pd.factorize(df["user"])[0]))
-
-
 def ordered(df: pd.DataFrame, variant: str, copy: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
     """``user``, ``item`` rows of ``df``'s users in the order ``variant`` gives (see the module doc);
     ``df`` holds each user's rows in file order or in RecBole's (:func:`read_timed`): ties keep it.
@@ -184,11 +177,11 @@ def ordered(df: pd.DataFrame, variant: str, copy: pd.DataFrame | None = None, se
     dropped (their count is in the returned frame's ``attrs["dropped"]``).
     """
     if variant == "recbole":
-        out = df.iloc[_user_time_order(df, recbole_time(df["timestamp"].to_numpy()))][["user", "item"]]
+        out = chronological(df, recbole_time(df["timestamp"].to_numpy()))[["user", "item"]]
     elif variant == "file":
-        out = df.iloc[_user_time_order(df)][["user", "item"]]
+        out = chronological(df)[["user", "item"]]
     elif variant == "shuffled":
-        exact = df.iloc[_user_time_order(df)]
+        exact = chronological(df)
         rng = np.random.default_rng(seed)
         key = rng.permutation(len(exact))  # a random order, then a stable sort by (user, second)
         shuffled = exact.iloc[np.lexsort((key, exact["timestamp"].to_numpy(), pd.factorize(exact["user"])[0]))]
